@@ -1,0 +1,240 @@
+"""The ``coqat`` command line: parse options, call the library, print with rich.
+
+Every command is one function. Errors in what the user gave us are one line on stderr and
+exit code 2 (``coqat.errors.CoqatError``); ``--json`` prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from coqat.errors import CoqatError
+
+app = typer.Typer(
+    help="Mixed-precision QAT under a BOPs budget: count, search, train, report, export.",
+    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]})
+console = Console(width=100)
+err_console = Console(stderr=True, width=100)
+
+SPACE_HELP = "search space: a TOML file or a shipped name (lm-tiny, fashion-resnet, lm-30m)"
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.callback(invoke_without_command=True)
+def root(ctx: typer.Context) -> None:
+    """With no command, run the demo (coqat demo)."""
+    if ctx.invoked_subcommand is None:
+        console.print("[dim]no command given: running the demo (coqat --help lists the"
+                      " commands)[/dim]")
+        demo()
+
+
+# ----------------------------------------------------------------------------------- bops
+@app.command()
+def bops(
+    space: Optional[str] = typer.Option(None, "--space", "-s", help=SPACE_HELP),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="your own model: path/to/file.py:factory (or package.module:factory)"),
+    input_shape: Optional[str] = typer.Option(
+        None, "--input-shape", help="input shape for --model, e.g. 1,3,224,224"),
+    bits: Optional[str] = typer.Option(
+        None, "--bits", help="also show per-layer BOPs at these bits (wNaM or bitconfig.json)"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """Per-layer MACs and BOPs (fvcore MACs x weight bits x activation bits)."""
+    from coqat.api import bops_report
+
+    rep = bops_report(space=space, model=model, input_shape=input_shape, bits=bits)
+    if json_out:
+        _emit_json(rep)
+        return
+    _print_bops(rep)
+
+
+def _print_bops(rep: dict) -> None:
+    from coqat.cost import format_bops
+
+    title = f"{rep['source']}: per-layer MACs" + (f" and BOPs at {rep['bits']}" if rep.get(
+        "bits") else "")
+    t = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
+    t.add_column("layer", overflow="fold", max_width=40)
+    t.add_column("op")
+    t.add_column("params", justify="right")
+    t.add_column("MACs", justify="right")
+    t.add_column("MACs %", justify="right")
+    with_bits = rep.get("bits") is not None
+    if with_bits:
+        t.add_column("bits", justify="right")
+        t.add_column("BOPs", justify="right")
+        t.add_column("BOPs %", justify="right")
+    for r in rep["layers"]:
+        row = [r["name"], r["op"], f"{r['params']:,}" if r["params"] else "-",
+               f"{r['macs']:,}", f"{100 * r['macs_share']:.1f}"]
+        if with_bits:
+            row += [f"w{r['w_bits']}a{r['a_bits']}", format_bops(r["bops"]),
+                    f"{100 * r['bops_share']:.1f}"]
+        t.add_row(*row)
+    console.print(t)
+    tot = rep["totals"]
+    console.print(f"[bold]total[/bold] {tot['gmacs']:.4f} GMACs  |  GBOPs: FP32 "
+                  f"{tot['gbops_fp32']:.1f}, W8A8 {tot['gbops_w8a8']:.2f}, "
+                  f"W4A4 {tot['gbops_w4a4']:.2f}"
+                  + (f", {rep['bits']} {tot['gbops_bits']:.2f}" if with_bits else ""))
+    if rep.get("pinned"):
+        console.print("pinned: " + ", ".join(f"{k}={v}" for k, v in rep["pinned"].items()))
+    conv = rep["conventions"]
+    excluded = ", ".join(f"{k} ({v:,})" for k, v in conv.get("excluded_ops", {}).items())
+    console.print(f"[dim]BOPs = MACs x w_bits x a_bits, MACs by {conv['mac_counter']}; FP32 ="
+                  f" 32x32; unquantized = {conv['float_bits']} bits; attention matmuls"
+                  f" {conv['attention_bits']}x{conv['attention_bits']}, full LxS."
+                  + (f" Not in BOPs: {excluded}." if excluded else "") + "[/dim]")
+
+
+# ---------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    space: str = typer.Option("lm-tiny", "--space", "-s", help=SPACE_HELP),
+    bits: str = typer.Option("fp", "--bits", "-b",
+                             help="fp, uniform wNaM (e.g. w4a4) or a bitconfig.json"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quest | rtn"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps (default: space)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    qat_fraction: Optional[str] = typer.Option(
+        None, "--qat-fraction", help="'auto' (compute-optimal) or a share of the steps in [0, 1]"),
+    fuse_cooldown: Optional[bool] = typer.Option(
+        None, "--fuse-cooldown/--no-fuse-cooldown",
+        help="QAT during the LR decay (default: fused at >= 4 bits)"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | cage-d | cage-c"),
+    cage_lambda: Optional[float] = typer.Option(None, "--cage-lambda", help="CAGE lambda"),
+    cage_silence: Optional[float] = typer.Option(
+        None, "--cage-silence", help="share of the QAT phase before CAGE starts"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where the dataset lives"),
+    out: str = typer.Option("runs", "--out", help="root directory for run directories"),
+    name: Optional[str] = typer.Option(None, "--name", help="run name (default: derived)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run directory"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    json_out: bool = typer.Option(False, "--json", help="print the final record as JSON"),
+) -> None:
+    """Train full precision, or uniform / mixed QAT, and write a run directory."""
+    from coqat.train import runner
+
+    progress = not (quiet or json_out)
+    if resume is not None:
+        run, result = runner.resume(resume, progress=progress)
+    else:
+        if qat_fraction is not None and qat_fraction != "auto":
+            qat_fraction = _float_opt(qat_fraction, "--qat-fraction")
+        opts = runner.TrainOptions(
+            bits=bits, quantizer=quantizer, steps=steps, lr=lr, batch_size=batch_size,
+            qat_fraction=qat_fraction, fuse_cooldown=fuse_cooldown, optimizer=optimizer,
+            cage_lambda=cage_lambda, cage_silence=cage_silence, seed=seed, device=device,
+            data_dir=data_dir, out=out, name=name, progress=progress)
+        run, result = runner.run_train(space, opts)
+    if run is None:  # a non-zero DDP rank
+        return
+    if json_out:
+        _emit_json({**result, "run_dir": str(run.path)})
+        return
+    _print_result(result)
+    console.print(f"run written to [bold]{run.path}[/bold]")
+
+
+def _float_opt(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise CoqatError(f"{flag} {text!r} is not a number; give 'auto' or a value in [0, 1]") \
+            from None
+
+
+def _print_result(result: dict) -> None:
+    from coqat.cost import format_bops
+
+    m = result["metric"]
+    extra = ""
+    if result["metric_name"] == "val_loss" and "val_bpb" in result["eval"]:
+        extra = f" ({result['eval']['val_bpb']:.4f} bits/byte)"
+    console.print(
+        f"[bold]{result['space']}[/bold] {result['bits']}: {result['metric_name']} = "
+        f"[bold]{m:.4f}[/bold]{extra}; {format_bops(result['bops'])}BOPs"
+        f" ({100 * result['bops_fraction_of_fp32']:.2f}% of FP32); {result['steps']} steps"
+        f" ({result['qat_steps']} QAT, {result['schedule']}) in {result['wall_s']:.0f} s")
+
+
+# ----------------------------------------------------------------------------------- plan
+@app.command()
+def plan(
+    params: float = typer.Option(..., "--params", help="quantized parameter count N, e.g. 30e6"),
+    tokens: float = typer.Option(..., "--tokens", help="total training tokens D, e.g. 3e9"),
+    bits: float = typer.Option(..., "--bits", help="weight bits B (mean for mixed configs)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Compute-optimal split of a token budget between FP training and QAT."""
+    from coqat.optim.planner import plan as make_plan
+
+    if params <= 0 or tokens <= 0 or bits <= 0:
+        raise CoqatError("--params, --tokens and --bits must be positive numbers")
+    p = make_plan(tokens, params, bits)
+    if json_out:
+        _emit_json(p.to_dict())
+        return
+    t = Table(title="compute-optimal QAT split (Dremov et al. 2025)", title_justify="left")
+    for col in ("S = D/(N*B/8)", "QAT fraction", "FP tokens", "QAT tokens"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{p.tokens_per_param_byte:,.1f}", f"{p.qat_fraction:.3f}",
+              f"{p.fp_tokens:.4g}", f"{p.qat_tokens:.4g}")
+    console.print(t)
+    console.print("[dim]f = exp(-6.7297 / ln S), clipped to [0, 1]."
+                  + ("" if p.in_fitted_range else
+                     " S is outside the fitted range (10..1e5): an extrapolation.") + "[/dim]")
+
+
+# ----------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: str = typer.Option("runs", "--out", help="root directory for run directories"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="override the space's steps"),
+) -> None:
+    """The embedded default end to end on the CPU: count BOPs, train FP and W4A4, compare."""
+    from coqat.api import run_demo
+
+    run_demo(console, out=out, steps=steps)
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors, exit code 2, no traceback."""
+    import click
+
+    try:
+        app(standalone_mode=False)
+    except CoqatError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.UsageError as e:
+        msg = e.format_message().replace("\n", " ")
+        err_console.print(f"[bold red]error:[/bold red] {msg}"
+                          " (see coqat --help)", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

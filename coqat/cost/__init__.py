@@ -1,0 +1,24 @@
+"""MACs (fvcore, on the float model) and BOPs of bit configurations; budget expressions.
+
+    cost = CostModel.from_model(model, example_inputs)
+    cost.bops(bitconfig)                       # int, MACs * w_bits * a_bits + attention
+    parse_budget("w4a4", cost, pinned)         # int BOPs
+"""
+
+from coqat.cost.bops import ATTENTION_BITS, FP32_BITS, CostModel, LayerCost
+from coqat.cost.budget import describe_budget, format_bops, parse_budget
+from coqat.cost.macs import MacCount, count_macs, find_tie_groups, is_layer
+
+__all__ = [
+    "ATTENTION_BITS",
+    "FP32_BITS",
+    "CostModel",
+    "LayerCost",
+    "MacCount",
+    "count_macs",
+    "describe_budget",
+    "find_tie_groups",
+    "format_bops",
+    "is_layer",
+    "parse_budget",
+]
