@@ -67,20 +67,23 @@ def _print_bops(rep: dict) -> None:
 
     title = f"{rep['source']}: per-layer MACs" + (f" and BOPs at {rep['bits']}" if rep.get(
         "bits") else "")
-    t = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
-    t.add_column("layer", overflow="fold", max_width=40)
+    from rich import box
+
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, header_style="bold",
+              pad_edge=False)
+    t.add_column("layer", overflow="fold", no_wrap=True)
     t.add_column("op")
     t.add_column("params", justify="right")
     t.add_column("MACs", justify="right")
-    t.add_column("MACs %", justify="right")
+    t.add_column("%MACs", justify="right")
     with_bits = rep.get("bits") is not None
     if with_bits:
         t.add_column("bits", justify="right")
         t.add_column("BOPs", justify="right")
-        t.add_column("BOPs %", justify="right")
+        t.add_column("%BOPs", justify="right")
     for r in rep["layers"]:
         row = [r["name"], r["op"], f"{r['params']:,}" if r["params"] else "-",
-               f"{r['macs']:,}", f"{100 * r['macs_share']:.1f}"]
+               format_bops(r["macs"]), f"{100 * r['macs_share']:.1f}"]
         if with_bits:
             row += [f"w{r['w_bits']}a{r['a_bits']}", format_bops(r["bops"]),
                     f"{100 * r['bops_share']:.1f}"]
@@ -144,7 +147,9 @@ def train(
             cage_lambda=cage_lambda, cage_silence=cage_silence, seed=seed, device=device,
             data_dir=data_dir, out=out, name=name, progress=progress)
         run, result = runner.run_train(space, opts)
-    if run is None:  # a non-zero DDP rank
+    from coqat.train.distributed import DistEnv
+
+    if not DistEnv.from_env().is_main:  # under torchrun only rank 0 reports
         return
     if json_out:
         _emit_json({**result, "run_dir": str(run.path)})
@@ -215,24 +220,40 @@ def demo(
     run_demo(console, out=out, steps=steps)
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Typer >= 0.2x vendors click as ``typer._click``; older versions use click itself."""
+    types: list[type[BaseException]] = []
+    try:
+        from typer._click.exceptions import UsageError as VendoredUsageError
+
+        types.append(VendoredUsageError)
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        pass
+    try:
+        from click.exceptions import UsageError
+
+        types.append(UsageError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
 def main() -> None:
     """Console-script entry point: one-line errors, exit code 2, no traceback."""
-    import click
-
     try:
         app(standalone_mode=False)
     except CoqatError as e:
         err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.exceptions.UsageError as e:
+    except _usage_error_types() as e:
         msg = e.format_message().replace("\n", " ")
-        err_console.print(f"[bold red]error:[/bold red] {msg}"
-                          " (see coqat --help)", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {msg} (see coqat --help)",
+                          highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
 
 

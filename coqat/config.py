@@ -108,7 +108,12 @@ class TrainSettings:
         return self
 
     def replace(self, **changes: Any) -> "TrainSettings":
+        """A copy with command-line overrides (None = keep). A --steps shorter than the
+        space's warm-up shrinks the warm-up to a tenth of the steps instead of failing."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        steps = changes.get("steps", self.steps)
+        if "warmup_steps" not in changes and self.warmup_steps >= steps:
+            changes["warmup_steps"] = steps // 10
         return dataclasses.replace(self, **changes).validate("options")
 
 

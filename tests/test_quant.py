@@ -369,7 +369,9 @@ def test_half_form_gradient_is_H_of_masked_grad(method):
     fake_quant(x, 3, method, hadamard_block=32, form="half").backward(g)
     mask = quantize_rows(hadamard_transform(x.detach(), 32), 3, method).mask
     expected = hadamard_transform(g.masked_fill(~mask, 0.0), 32)
-    assert torch.equal(x.grad, expected)
+    # the backward rotation runs in float32 (gradients are not part of the bit-exact
+    # contract), so compare to float32 precision
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
     assert not mask.all() or method == "rtn"
 
 
@@ -379,7 +381,9 @@ def test_full_form_gradient_is_H_of_masked_H_of_grad():
     fake_quant(x, 2, "quest", form="full").backward(g)
     mask = quantize_rows(hadamard_transform(x.detach(), 128), 2, "quest").mask
     expected = hadamard_transform(hadamard_transform(g, 128).masked_fill(~mask, 0.0), 128)
-    assert torch.equal(x.grad, expected)
+    # the backward rotation runs in float32 (gradients are not part of the bit-exact
+    # contract), so compare to float32 precision
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_ste_quantize_returns_values_exactly_and_masks_gradient():

@@ -10,7 +10,7 @@ Numerics (the reference that GPU kernels are tested against bit for bit):
 - H is the Sylvester-ordered Hadamard matrix of size ``block`` (``H_1 = [1]``,
   ``H_2n = [[H_n, H_n], [H_n, -H_n]]``), applied independently to every contiguous block
   of ``block`` elements along the last dim. It is symmetric and, once scaled, ``H H = I``.
-- The unnormalized +-1 butterflies run in float64. For float32/bfloat16 inputs the sums
+- The unnormalized +-1 sums run in float64. For float32/bfloat16 inputs the sums
   are exact (a float32 has 24 significant bits; a sum of <= 2**7 of them fits float64's
   53 unless the row's magnitudes span ~2**20), so the summation order does not matter and
   any backend (a dense matmul, a butterfly, a tensor-core kernel with exact accumulation)
@@ -24,11 +24,13 @@ stay free of training dependencies.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from coqat.errors import CoqatError
 
-__all__ = ["hadamard_transform", "hadamard_block_for", "hadamard_scale"]
+__all__ = ["hadamard_transform", "hadamard_block_for", "hadamard_scale", "sylvester_matrix"]
 
 
 def hadamard_block_for(dim: int, max_block: int = 128) -> int:
@@ -64,23 +66,38 @@ def _check_block(n: int, block: int) -> int:
     return block
 
 
+@functools.lru_cache(maxsize=64)
+def sylvester_matrix(block: int, device: str = "cpu") -> torch.Tensor:
+    """The unnormalized +-1 Sylvester Hadamard matrix of size ``block``, float64.
+
+    Cached per (block, device): it is a constant, built once, never mutated.
+    """
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(device)
+
+
 def _hadamard_forward(x: torch.Tensor, block: int) -> torch.Tensor:
-    """The numerics definition: float64 butterflies, one scale, one rounding to float32."""
-    n = x.shape[-1]
+    """The numerics definition: exact +-1 sums in float64, one scale, one rounding to float32.
+
+    The sums are computed as a float64 matmul with the +-1 matrix (a BLAS/tensor-core
+    product is much faster than log2(block) butterfly passes); because every partial sum is
+    exact, the order the backend sums in cannot change the result.
+    """
     y = x.to(torch.float64)
     if block > 1:
-        lead = y.shape[:-1]
-        groups = n // block
-        h = 1
-        # Stage h combines elements h apart inside each block: (a, b) -> (a + b, a - b).
-        # Running h = 1, 2, 4, ... yields the Sylvester (natural) ordering.
-        while h < block:
-            y = y.reshape(-1, groups, block // (2 * h), 2, h)
-            a, b = y[..., 0, :], y[..., 1, :]
-            y = torch.stack((a + b, a - b), dim=-2)
-            h *= 2
-        y = y.reshape(*lead, n) * hadamard_scale(block)
+        shape = y.shape
+        h = sylvester_matrix(block, str(y.device))
+        y = (y.reshape(-1, block) @ h).reshape(shape) * hadamard_scale(block)
     return y.to(torch.float32)
+
+
+def _rotate_f32(g: torch.Tensor, block: int) -> torch.Tensor:
+    if block == 1:
+        return g.to(torch.float32)
+    h = sylvester_matrix(block, str(g.device)).to(torch.float32) * hadamard_scale(block)
+    return (g.to(torch.float32).reshape(-1, block) @ h).reshape(g.shape)
 
 
 class _HadamardFn(torch.autograd.Function):
@@ -94,7 +111,9 @@ class _HadamardFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _hadamard_forward(grad, ctx.block).to(ctx.in_dtype), None
+        # Gradients are not part of the bit-exact contract (only forward values are), so
+        # the backward rotation runs in float32: half the cost of the float64 forward.
+        return _rotate_f32(grad, ctx.block).to(ctx.in_dtype), None
 
 
 def hadamard_transform(x: torch.Tensor, block: int) -> torch.Tensor:

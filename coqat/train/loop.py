@@ -127,9 +127,9 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
 
     bar = _Progress(label, schedule.total_steps, start, enabled=progress and env.is_main)
     last_eval: dict[str, Any] = {}
-    step = start
+    completed = start
     try:
-        with bar:
+        with bar, _GracefulStop() as stop:
             t_last, items = time.perf_counter(), 0
             for step in range(start, schedule.total_steps):
                 phase = schedule.phase(step)
@@ -168,6 +168,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                 ctx.loss = float(loss.detach())
                 for h in hooks:
                     h.after_optimizer_step(ctx)
+                completed = step + 1
 
                 items += batch[-1].numel() * env.world_size
                 done = step + 1
@@ -193,10 +194,14 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                 if writer is not None and done % settings.checkpoint_every == 0 \
                         and done < schedule.total_steps:
                     writer.save_checkpoint(_state(model, optimizer, done, hooks))
+                if stop.requested and done < schedule.total_steps:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if writer is not None and step > start:
-            writer.save_checkpoint(_state(model, optimizer, step, hooks))
-            raise CoqatError(f"interrupted at step {step}; resume with"
+        # Ctrl-C lands here at a step boundary (see _GracefulStop); a KeyboardInterrupt
+        # raised mid-step saves the last completed step.
+        if writer is not None and completed > start:
+            writer.save_checkpoint(_state(model, optimizer, completed, hooks))
+            raise CoqatError(f"interrupted after step {completed}; resume with"
                              f" coqat train --resume {run.path}") from None
         raise
 
@@ -235,6 +240,36 @@ def _evaluate(model: nn.Module, workload: Workload, settings: TrainSettings,
             result = workload.evaluate(model, max_batches=max_batches,
                                        batch_size=settings.eval_batch_size)
     return env.broadcast_object(result)
+
+
+class _GracefulStop:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop now."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 class _Progress:

@@ -76,6 +76,7 @@ class Prepared:
     device: torch.device
     options: TrainOptions
     qat_plan: dict[str, Any] | None = None
+    data_info: dict[str, Any] = field(default_factory=dict)
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -99,7 +100,8 @@ def prepare(space_ref: str | Path | SearchSpace, options: TrainOptions,
     workload = get_workload(space.workload_name,
                             {k: v for k, v in space.workload.items() if k != "name"},
                             data_dir=options.data_dir, seed=options.seed)
-    model = build_model(workload, options.seed)
+    data_info = workload.data_info()  # loads the data now: a missing dataset fails here,
+    model = build_model(workload, options.seed)  # before any run directory exists
     cost = CostModel.from_model(model, workload.example_inputs())
     resolved = space.resolve(list(cost.layers), cost.tie_groups)
     if bitconfig is None:
@@ -115,11 +117,12 @@ def prepare(space_ref: str | Path | SearchSpace, options: TrainOptions,
     schedule, qat_plan = build_schedule(settings, bitconfig, cost, workload)
     dist_env = DistEnv.from_env()
     device = dist_env.device(options.device)
+    dist_env.init(device)  # before anything broadcasts (the run directory's name)
     if settings.batch_size % dist_env.world_size:
         raise CoqatError(f"batch_size {settings.batch_size} is not divisible by the"
                          f" {dist_env.world_size} processes; pick a multiple")
     return Prepared(space, resolved, workload, model, cost, settings, bitconfig, schedule,
-                    device, options, qat_plan)
+                    device, options, qat_plan, data_info=data_info)
 
 
 def bits_for(bits: str, resolved: ResolvedSpace, quantizer: str,
@@ -187,6 +190,7 @@ def execute(prep: Prepared, run: RunDir | None = None, resume: bool = False,
     if env.is_main and not resume:
         write_run_header(run, prep, command)
     hooks = make_hooks(prep) if hooks is None else list(hooks)
+    env.barrier()  # rank 0 has written the header before anyone trains
     t0 = time.perf_counter()
     final = train(model=prep.model, workload=prep.workload, settings=prep.settings,
                   schedule=prep.schedule, bitconfig=prep.bitconfig, device=prep.device,
@@ -212,7 +216,7 @@ def write_run_header(run: RunDir, prep: Prepared, command: str) -> None:
         "schedule": prep.schedule.describe(),
         "qat_plan": prep.qat_plan,
         "bits": prep.bits_label,
-        "data": prep.workload.data_info(),
+        "data": prep.data_info,
         "device": str(prep.device),
         **prep.extra_config,
     }
