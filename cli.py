@@ -123,6 +123,8 @@ def train(
     cage_lambda: Optional[float] = typer.Option(None, "--cage-lambda", help="CAGE lambda"),
     cage_silence: Optional[float] = typer.Option(
         None, "--cage-silence", help="share of the QAT phase before CAGE starts"),
+    kernels: Optional[str] = typer.Option(
+        None, "--kernels", help="auto (Triton on CUDA) | triton | reference (torch)"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where the dataset lives"),
@@ -144,7 +146,8 @@ def train(
         opts = runner.TrainOptions(
             bits=bits, quantizer=quantizer, steps=steps, lr=lr, batch_size=batch_size,
             qat_fraction=qat_fraction, fuse_cooldown=fuse_cooldown, optimizer=optimizer,
-            cage_lambda=cage_lambda, cage_silence=cage_silence, seed=seed, device=device,
+            cage_lambda=cage_lambda, cage_silence=cage_silence, kernels=kernels, seed=seed,
+            device=device,
             data_dir=data_dir, out=out, name=name, progress=progress)
         run, result = runner.run_train(space, opts)
     from coqat.train.distributed import DistEnv
@@ -178,6 +181,18 @@ def _print_result(result: dict) -> None:
         f"[bold]{m:.4f}[/bold]{extra}; {format_bops(result['bops'])}BOPs"
         f" ({100 * result['bops_fraction_of_fp32']:.2f}% of FP32); {result['steps']} steps"
         f" ({result['qat_steps']} QAT, {result['schedule']}) in {result['wall_s']:.0f} s")
+
+
+# ------------------------------------------------------------- search (coqat.search)
+# (search commands go here)
+
+
+# ---------------------------------------------------- frontier / report (coqat.report)
+# (frontier, worker and report commands go here)
+
+
+# ------------------------------------------------------ export / deploy (coqat.export)
+# (export and deploy commands go here)
 
 
 # ----------------------------------------------------------------------------------- plan

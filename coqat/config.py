@@ -72,6 +72,9 @@ class TrainSettings:
     cage_lambda: float = 10.0
     cage_silence: float = 0.8
     cage_schedule: str = "linear"   # linear | constant
+    #: matmul backend of quantized layers: auto (Triton on CUDA, torch reference on CPU),
+    #: triton (fail if unavailable) or reference (always the torch reference)
+    kernels: str = "auto"
 
     def validate(self, where: str = "[train]") -> "TrainSettings":
         def need(cond: bool, msg: str) -> None:
@@ -105,6 +108,8 @@ class TrainSettings:
         need(0 <= self.cage_silence < 1, "cage_silence must be in [0, 1)")
         need(self.cage_schedule in ("linear", "constant"),
              "cage_schedule must be 'linear' or 'constant'")
+        need(self.kernels in ("auto", "triton", "reference"),
+             f"kernels must be auto, triton or reference (got {self.kernels!r})")
         return self
 
     def replace(self, **changes: Any) -> "TrainSettings":

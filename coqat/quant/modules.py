@@ -282,7 +282,8 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
 
 def quantize_model(model: nn.Module, bitconfig: BitConfig, method: str | None = None,
                    hadamard_block: int | None = None, form: str = "half",
-                   trust: float | None = None, clip_ratio: float = 1.0) -> nn.Module:
+                   trust: float | None = None, clip_ratio: float = 1.0,
+                   kernels: str = "auto") -> nn.Module:
     """Swap the layers named in ``bitconfig`` for their quantized versions, in place.
 
     Each FQN with non-float bits must name an ``nn.Linear`` or ``nn.Conv2d``; it becomes a
@@ -292,8 +293,13 @@ def quantize_model(model: nn.Module, bitconfig: BitConfig, method: str | None = 
     entry on one makes it a pass-through). Every entry is checked before anything changes,
     so on error the model is untouched. Returns the model (a new root only if ``""``, the
     root itself, is a listed Linear/Conv2d).
+
+    ``kernels`` picks the matmul backend of the quantized layers (see ``coqat.kernels``):
+    "auto", "triton" or "reference"; it is recorded on each module as ``.kernels``.
     """
     _check_form(form)
+    if kernels not in ("auto", "triton", "reference"):
+        raise CoqatError(f"kernels = {kernels!r}; use auto, triton or reference")
     plan = []
     for fqn, lb in bitconfig.layers.items():
         try:
@@ -314,6 +320,7 @@ def quantize_model(model: nn.Module, bitconfig: BitConfig, method: str | None = 
     for fqn, mod, lb, m in plan:
         cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
         new = cls.from_float(mod, lb.w_bits, lb.a_bits, m, hadamard_block, form, trust, clip_ratio)
+        new.kernels = kernels
         if new is not mod:
             model = _replace(model, fqn, new)
     return model

@@ -102,7 +102,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
     # parameter names, so the same state_dict loads either way.
     quantized = False
     if schedule.phase(start) == "qat" and bitconfig is not None:
-        _enter_qat(model, bitconfig, quant_form, quantize_model)
+        _enter_qat(model, bitconfig, quant_form, quantize_model, settings.kernels)
         quantized = True
     if state is not None:
         model.load_state_dict(state["model"])
@@ -134,7 +134,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
             for step in range(start, schedule.total_steps):
                 phase = schedule.phase(step)
                 if phase == "qat" and not quantized and bitconfig is not None:
-                    _enter_qat(model, bitconfig, quant_form, quantize_model)
+                    _enter_qat(model, bitconfig, quant_form, quantize_model, settings.kernels)
                     quantized = True
                     ctx.phase = phase
                     for h in hooks:
@@ -220,9 +220,10 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
     return final
 
 
-def _enter_qat(model: nn.Module, bitconfig: BitConfig | None, form: str, quantize_model) -> None:
+def _enter_qat(model: nn.Module, bitconfig: BitConfig | None, form: str, quantize_model,
+               kernels: str = "auto") -> None:
     if bitconfig is not None:
-        quantize_model(model, bitconfig, form=form)
+        quantize_model(model, bitconfig, form=form, kernels=kernels)
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,

@@ -45,6 +45,7 @@ class TrainOptions:
     optimizer: str | None = None
     cage_lambda: float | None = None
     cage_silence: float | None = None
+    kernels: str | None = None
     seed: int = 0
     device: str = "auto"
     data_dir: str | None = None
@@ -56,7 +57,7 @@ class TrainOptions:
         o = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size,
              "quantizer": self.quantizer, "optimizer": self.optimizer,
              "cage_lambda": self.cage_lambda, "cage_silence": self.cage_silence,
-             "fuse_cooldown": self.fuse_cooldown}
+             "fuse_cooldown": self.fuse_cooldown, "kernels": self.kernels}
         if self.qat_fraction is not None:
             q = self.qat_fraction
             o["qat_fraction"] = q if q == "auto" else float(q)
