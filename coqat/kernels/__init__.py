@@ -1,0 +1,1 @@
+"""Fused low-bit kernels (Triton on CUDA) and their torch reference with identical integer semantics."""

@@ -1,0 +1,1 @@
+"""Gumbel-softmax bit-width search under a BOPs budget (Lagrangian), budget repair, baselines."""
