@@ -191,6 +191,27 @@ def _print_result(result: dict) -> None:
 # (frontier, worker and report commands go here)
 
 
+@app.command()
+def report(
+    path: Path = typer.Argument(..., help="a run directory, a frontier, or a folder of runs"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where report.html and PNGs go"
+                                       " (default: PATH itself)"),
+    html: bool = typer.Option(True, "--html/--no-html", help="write report.html and PNGs"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Summary, frontier, per-layer bits and search trace: terminal, HTML and PNG."""
+    from coqat.report.build import build_report, print_terminal, to_json, write_html
+
+    rep = build_report(path)
+    files = write_html(rep, out) if html else {}
+    if json_out:
+        _emit_json({**to_json(rep), "files": {k: str(v) for k, v in files.items()}})
+        return
+    print_terminal(rep, console)
+    if files:
+        console.print(f"report written to [bold]{files['html']}[/bold]")
+
+
 # ------------------------------------------------------ export / deploy (coqat.export)
 # (export and deploy commands go here)
 

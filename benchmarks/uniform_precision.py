@@ -1,0 +1,139 @@
+"""Uniform-precision QAT at equal steps: FP, W8A8, W6A6, W4A4, W3A3, W2A2 (QuEST).
+
+For each space, trains every bit width with the same steps, schedule and seed(s) (QAT
+from scratch, as QuEST trains) and writes ``reports/uniform_precision/``: a README with the
+table, the checks below, the command and the machine, a PNG of metric vs GBOPs and the raw
+results JSON.
+
+Checks (the foundation issue's acceptance): the metric is ordered by bit width (a lower
+width never beats a higher one), and W8A8 is within 1% of FP.
+
+    python benchmarks/uniform_precision.py                       # lm-tiny + fashion-resnet
+    python benchmarks/uniform_precision.py --spaces lm-tiny --seeds 0,1,2 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, Job, command_line, machine_info, run_grid, write_json  # noqa: E402
+
+BITS = ["fp", "w8a8", "w6a6", "w4a4", "w3a3", "w2a2"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--spaces", default="lm-tiny,fashion-resnet")
+    ap.add_argument("--bits", default=",".join(BITS))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=None, help="override each space's steps")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-uniform"))
+    ap.add_argument("--report-dir", default=str(ROOT / "reports" / "uniform_precision"))
+    args = ap.parse_args()
+
+    from coqat.config import load_space
+
+    spaces = args.spaces.split(",")
+    names = [load_space(sp).name for sp in spaces]   # a space may be given as a path
+    bits = args.bits.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [Job(f"{name}-{b}-s{seed}" + (f"-t{args.steps}" if args.steps else ""), sp,
+                {"bits": b, "seed": seed, "steps": args.steps, "device": args.device})
+            for sp, name in zip(spaces, names) for b in bits for seed in seeds]
+    results = run_grid(jobs, args.out, workers=args.workers)
+    report(results, names, bits, seeds, Path(args.report_dir))
+
+
+def summarize(results, space, bits):
+    rows = []
+    for b in bits:
+        rs = [r for r in results if r["space"] == space and r["bits"] == b]
+        vals = [r["metric"] for r in rs]
+        rows.append({
+            "bits": b, "gbops": rs[0]["bops"] / 1e9, "frac_fp32": rs[0]["bops_fraction_of_fp32"],
+            "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals), "metric_name": rs[0]["metric_name"],
+            "higher_is_better": rs[0]["higher_is_better"], "steps": rs[0]["steps"],
+            "wall_s": statistics.fmean(r["wall_s"] for r in rs)})
+    return rows
+
+
+def checks(rows):
+    """Ordered by width (best first from FP down) and W8A8 within 1% of FP."""
+    hib = rows[0]["higher_is_better"]
+    means = [r["mean"] for r in rows]
+    ordered = all((a >= b) if hib else (a <= b) for a, b in zip(means, means[1:]))
+    fp = next((r for r in rows if r["bits"] == "fp"), None)
+    w8 = next((r for r in rows if r["bits"] == "w8a8"), None)
+    within = None
+    if fp and w8:
+        within = abs(w8["mean"] - fp["mean"]) / abs(fp["mean"]) <= 0.01
+    return ordered, within
+
+
+def report(results, spaces, bits, seeds, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    lines = ["# Uniform-precision QAT at equal steps", "",
+             "QuEST (Hadamard + RMS-optimal clip + trust mask), QAT from scratch, every bit",
+             "width with the same steps, schedule and seeds. BOPs per coqat's conventions",
+             "(`coqat bops`): FP32 reference = 32x32; pinned float layers and attention",
+             "matmuls count 16x16.", "",
+             f"Command: `{command_line()}`", "",
+             f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), device"
+             f" {machine['device']}, torch {machine['torch']}, python {machine['python']},"
+             f" coqat {machine['coqat']}.", ""]
+    fig, axes = plt.subplots(1, len(spaces), figsize=(5.5 * len(spaces), 4), squeeze=False)
+    summary = {}
+    for ax, space in zip(axes[0], spaces):
+        rows = summarize(results, space, bits)
+        ordered, within = checks(rows)
+        summary[space] = {"rows": rows, "ordered_by_width": ordered, "w8a8_within_1pct": within}
+        name = rows[0]["metric_name"]
+        lines += [f"## {space}", "",
+                  f"{rows[0]['steps']} steps, seeds {','.join(map(str, seeds))};"
+                  f" metric `{name}` ({'higher' if rows[0]['higher_is_better'] else 'lower'}"
+                  " is better).", "",
+                  f"| bits | GBOPs | % of FP32 | {name} | vs FP | wall (s) |",
+                  "|---|---|---|---|---|---|"]
+        fp = rows[0]["mean"]
+        for r in rows:
+            spread = f" ± {r['std']:.4f}" if r["n"] > 1 else ""
+            rel = (r["mean"] - fp) / abs(fp) * 100
+            lines.append(f"| {r['bits']} | {r['gbops']:.3f} | {100 * r['frac_fp32']:.2f} |"
+                         f" {r['mean']:.4f}{spread} | {rel:+.2f}% | {r['wall_s']:.0f} |")
+        lines += ["", f"- ordered by bit width: **{'yes' if ordered else 'NO'}**",
+                  f"- W8A8 within 1% of FP: **{'yes' if within else 'NO'}**", ""]
+        xs = [r["gbops"] for r in rows]
+        ys = [r["mean"] for r in rows]
+        ax.errorbar(xs, ys, yerr=[r["std"] for r in rows], marker="o")
+        for r in rows:
+            ax.annotate(r["bits"], (r["gbops"], r["mean"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("GBOPs (log)")
+        ax.set_ylabel(name)
+        ax.set_title(space)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "uniform_precision.png", dpi=120)
+    lines += ["![metric vs GBOPs](uniform_precision.png)", ""]
+    (out / "README.md").write_text("\n".join(lines))
+    write_json(out / "results.json", {"machine": machine, "command": command_line(),
+                                      "summary": summary, "runs": results})
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Reading run directories back: one run, a frontier, or any folder of runs.
+
+A *point* is one finished run summarised for reports: where it sits in compute (BOPs) and
+quality (the workload's metric), how it got there (method, budget, seed) and where its
+files are. Everything here reads the files the runs wrote; costs are never recomputed, so
+a report shows exactly the numbers the budget used.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from coqat.errors import CoqatError
+from coqat.report.rundir import BITCONFIG, CONFIG, FINAL, RunDir
+
+FRONTIER_MANIFEST = "frontier.json"
+
+
+@dataclass
+class Point:
+    run_dir: str
+    space: str
+    method: str                 # fp | uniform | gumbel | optuna | random | train
+    bits: str                   # w4a4 | mixed | fp
+    seed: int
+    bops: int
+    fp32_bops: int
+    metric_name: str
+    metric: float
+    higher_is_better: bool
+    budget_expr: str | None = None
+    budget_bops: int | None = None
+    steps: int = 0
+    wall_s: float = 0.0
+    finished: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gbops(self) -> float:
+        return self.bops / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gbops"] = self.gbops
+        return d
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def find_run_dirs(root: Path, max_depth: int = 3) -> list[Path]:
+    """Run directories at or below ``root`` (not descending into a run's own folders)."""
+    if is_run_dir(root):
+        return [root]
+    found: list[Path] = []
+    if max_depth <= 0 or not root.is_dir():
+        return found
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            found += find_run_dirs(child, max_depth - 1)
+    return found
+
+
+def load_point(path: Path) -> Point | None:
+    """The finished run at ``path`` as a Point (None when it has not finished)."""
+    run = RunDir(path)
+    if not run.finished:
+        return None
+    final = run.read_json(FINAL)
+    cfg = run.read_json(CONFIG)
+    meta: dict[str, Any] = {}
+    if run.has(BITCONFIG):
+        try:
+            meta = json.loads(run.file(BITCONFIG).read_text()).get("meta", {}) or {}
+        except json.JSONDecodeError:
+            meta = {}
+    method = (final.get("method") or meta.get("method") or
+              ("fp" if final.get("bits") == "fp" else
+               "uniform" if final.get("bits") not in (None, "mixed") else cfg.get("command",
+                                                                                  "train")))
+    metric = final.get("metric")
+    if metric is None:
+        return None
+    return Point(
+        run_dir=str(path), space=final.get("space", cfg.get("space_name", "?")), method=method,
+        bits=final.get("bits", "?"), seed=int(final.get("seed", 0)), bops=int(final["bops"]),
+        fp32_bops=int(final.get("fp32_bops", 0)), metric_name=final.get("metric_name", "metric"),
+        metric=float(metric), higher_is_better=bool(final.get("higher_is_better", False)),
+        budget_expr=final.get("budget_expr") or meta.get("budget_expr"),
+        budget_bops=final.get("budget_bops") or meta.get("budget_bops"),
+        steps=int(final.get("steps", 0)), wall_s=float(final.get("wall_s", 0.0)),
+        extra={k: final[k] for k in ("achieved_over_budget", "repair", "target")
+               if k in final})
+
+
+def load_points(root: str | Path) -> tuple[list[Point], list[Path]]:
+    """All finished runs under ``root`` and the run directories that have not finished."""
+    root = Path(root)
+    if not root.exists():
+        raise CoqatError(f"{root} does not exist; pass a run directory or a folder of runs")
+    dirs = find_run_dirs(root)
+    if not dirs:
+        raise CoqatError(f"no coqat runs under {root}; pass a directory made by coqat train,"
+                         " search or frontier")
+    points, unfinished = [], []
+    for d in dirs:
+        p = load_point(d)
+        (points.append(p) if p is not None else unfinished.append(d))
+    return points, unfinished
+
+
+# ----- Pareto fronts ---------------------------------------------------------------------------
+def dominates(a: Point, b: Point) -> bool:
+    """``a`` is no worse than ``b`` in both compute and quality, and better in one."""
+    better_q = (a.metric >= b.metric) if a.higher_is_better else (a.metric <= b.metric)
+    strictly = (a.bops < b.bops) or ((a.metric > b.metric) if a.higher_is_better
+                                     else (a.metric < b.metric))
+    return a.bops <= b.bops and better_q and strictly
+
+
+def pareto_front(points: Sequence[Point]) -> list[Point]:
+    """Non-dominated points, cheapest first."""
+    front = [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
+    return sorted(front, key=lambda p: (p.bops, p.metric))
+
+
+@dataclass
+class Group:
+    """Seeds of one (method, budget) cell: mean and spread of metric and BOPs."""
+
+    method: str
+    budget: str
+    points: list[Point]
+
+    @property
+    def n(self) -> int:
+        return len(self.points)
+
+    @property
+    def metric_mean(self) -> float:
+        return statistics.fmean(p.metric for p in self.points)
+
+    @property
+    def metric_std(self) -> float:
+        return statistics.stdev([p.metric for p in self.points]) if self.n > 1 else 0.0
+
+    @property
+    def gbops_mean(self) -> float:
+        return statistics.fmean(p.gbops for p in self.points)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.points[0].higher_is_better
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "budget": self.budget, "n": self.n,
+                "gbops_mean": self.gbops_mean, "metric_mean": self.metric_mean,
+                "metric_std": self.metric_std, "seeds": sorted(p.seed for p in self.points),
+                "bits": sorted({p.bits for p in self.points})}
+
+
+def group_points(points: Iterable[Point]) -> list[Group]:
+    """Group seeds of one (method, budget or bits) cell, cheapest cells first."""
+    cells: dict[tuple[str, str], list[Point]] = {}
+    for p in points:
+        budget = p.budget_expr or p.bits
+        cells.setdefault((p.method, budget), []).append(p)
+    groups = [Group(m, b, ps) for (m, b), ps in cells.items()]
+    return sorted(groups, key=lambda g: (g.gbops_mean, g.method))
+
+
+def group_dominated(groups: Sequence[Group]) -> set[int]:
+    """Indices of groups whose mean point is dominated by another group's mean point."""
+    means = [Point("", "", g.method, "", 0, int(g.gbops_mean * 1e9), 0, "", g.metric_mean,
+                   g.higher_is_better) for g in groups]
+    return {i for i, p in enumerate(means)
+            if any(dominates(q, p) for j, q in enumerate(means) if j != i)}
