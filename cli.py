@@ -192,6 +192,75 @@ def _print_result(result: dict) -> None:
 
 
 @app.command()
+def frontier(
+    space: str = typer.Option("lm-tiny", "--space", "-s", help=SPACE_HELP),
+    budgets: str = typer.Option(..., "--budgets", help="comma-separated budget expressions,"
+                                " e.g. w3a3,w4a4,0.5*w8a8,w8a8"),
+    seeds: int = typer.Option(3, "--seeds", help="seeds 0..N-1 per budget and method"),
+    methods: str = typer.Option("gumbel,uniform", "--methods",
+                                help="comma-separated: gumbel, uniform, optuna, random"),
+    storage: Optional[str] = typer.Option(
+        None, "--storage", help="Optuna storage: a journal file path (default: next to the"
+        " sweep) or an RDB URL such as postgresql://user:pw@host/db"),
+    workers: int = typer.Option(1, "--workers", help="local worker processes"),
+    name: Optional[str] = typer.Option(None, "--name", help="study name (default: frontier-SPACE)"),
+    out: str = typer.Option("runs", "--out", help="root directory for sweeps"),
+    steps: Optional[float] = typer.Option(
+        None, "--steps-scale", help="scale every phase's steps (e.g. 0.25 for a quick sweep)"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer",
+                                            help="final QAT optimizer: adamw | cage-d | cage-c"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    no_run: bool = typer.Option(False, "--no-run", help="create/extend the study, run nothing"),
+    json_out: bool = typer.Option(False, "--json", help="print the sweep's report as JSON"),
+) -> None:
+    """Accuracy-vs-compute frontier: a search per budget x seed x method, as an Optuna study."""
+    from coqat.report import frontier as fr
+    from coqat.report.build import build_report, print_terminal, to_json, write_html
+
+    options = {k: v for k, v in {"steps_scale": steps, "optimizer": optimizer,
+                                 "device": device}.items() if v is not None}
+    study, manifest, sweep_dir = fr.create_or_resume(
+        space, budgets.split(","), list(range(seeds)), methods.split(","), storage, out, name,
+        options)
+    prog = fr.progress(study, manifest)
+    if not json_out:
+        console.print(f"study [bold]{manifest.study}[/bold] in {fr._redact(manifest.storage)}:"
+                      f" {prog['total']} points, {prog['complete']} done; other machines can"
+                      f" join with: coqat worker --storage {fr._redact(manifest.storage)}"
+                      f" --study {manifest.study}")
+    if no_run:
+        return
+    if prog["complete"] < prog["total"]:
+        if workers <= 1:
+            fr.work(study, manifest, sweep_dir)
+        else:
+            fr.run_workers(manifest, sweep_dir, workers, None if json_out else console)
+    rep = build_report(sweep_dir)
+    files = write_html(rep)
+    if json_out:
+        _emit_json({**to_json(rep), "files": {k: str(v) for k, v in files.items()}})
+        return
+    print_terminal(rep, console)
+    console.print(f"report written to [bold]{files['html']}[/bold]")
+
+
+@app.command()
+def worker(
+    storage: str = typer.Option(..., "--storage", help="the sweep's Optuna storage URL or journal"),
+    study: str = typer.Option(..., "--study", help="the study name printed by coqat frontier"),
+    out: str = typer.Option("runs", "--out", help="root directory for this machine's runs"),
+    max_points: Optional[int] = typer.Option(None, "--max-points",
+                                             help="stop after running this many points"),
+) -> None:
+    """Join a frontier sweep from another process or machine and work until it is done."""
+    from coqat.report import frontier as fr
+
+    st, manifest = fr.load_study(storage, study)
+    n = fr.work(st, manifest, Path(out) / manifest.study, max_points=max_points)
+    console.print(f"worker finished: ran {n} point(s) of {manifest.study}")
+
+
+@app.command()
 def report(
     path: Path = typer.Argument(..., help="a run directory, a frontier, or a folder of runs"),
     out: Optional[Path] = typer.Option(None, "--out", help="where report.html and PNGs go"

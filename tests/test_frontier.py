@@ -1,0 +1,145 @@
+"""Frontier sweeps as a shared Optuna study: queue, resume, fault tolerance, bad input.
+
+The fault test runs two real worker processes on one study, SIGKILLs one while it holds a
+point, and checks that the survivor retries that point and the sweep ends with every grid
+point COMPLETE exactly once. It runs against the journal file (always) and against a real
+PostgreSQL server when COQAT_TEST_POSTGRES_URL is set (CI starts one in .ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from coqat.errors import CoqatError
+from coqat.report import frontier as fr
+from conftest import DIGITS, FIXTURES, assert_one_line_error, run_cli
+
+BUDGETS = ["w2a4", "w4a4", "w8a8"]
+
+
+def _storages(tmp_path: Path) -> list[str]:
+    urls = [str(tmp_path / "study.journal")]
+    if os.environ.get("COQAT_TEST_POSTGRES_URL"):
+        urls.append(os.environ["COQAT_TEST_POSTGRES_URL"])
+    return urls
+
+
+def _complete_counts(study) -> Counter:
+    from optuna.trial import TrialState
+
+    return Counter(fr._trial_key(t) for t in study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def test_points_are_enqueued_once_and_rerunning_the_command_adds_nothing(tmp_path):
+    kw = dict(storage_url=str(tmp_path / "s.journal"), out=tmp_path, name=f"q{uuid.uuid4().hex[:6]}",
+              options={})
+    study, manifest, _ = fr.create_or_resume(DIGITS, BUDGETS, [0, 1], ["uniform"], **kw)
+    assert len(study.get_trials()) == 6
+    study, manifest, sweep = fr.create_or_resume(DIGITS, BUDGETS, [0, 1], ["uniform"], **kw)
+    assert len(study.get_trials()) == 6                   # resume: nothing enqueued twice
+    study, manifest, _ = fr.create_or_resume(DIGITS, BUDGETS, [0, 1, 2], ["uniform"], **kw)
+    assert len(study.get_trials()) == 9                   # a new seed extends the grid
+    assert (sweep / "frontier.json").is_file()
+
+
+def test_a_study_made_with_another_space_is_refused(tmp_path):
+    kw = dict(storage_url=str(tmp_path / "s.journal"), out=tmp_path, name="same", options={})
+    fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], **kw)
+    other = tmp_path / "other.toml"
+    other.write_text(Path(DIGITS).read_text().replace("lr = 1e-2", "lr = 2e-2"))
+    with pytest.raises(CoqatError, match="different search space"):
+        fr.create_or_resume(str(other), ["w4a4"], [0], ["uniform"], **kw)
+
+
+@pytest.mark.parametrize("storage_kind", ["journal", "postgres"])
+def test_killed_worker_point_is_retried_and_every_point_completes_exactly_once(
+        tmp_path, storage_kind):
+    urls = _storages(tmp_path)
+    if storage_kind == "postgres":
+        if len(urls) < 2:
+            pytest.skip("set COQAT_TEST_POSTGRES_URL to run against PostgreSQL (CI does)")
+        url = urls[1]
+    else:
+        url = urls[0]
+    name = f"fault-{uuid.uuid4().hex[:8]}"
+    study, manifest, sweep = fr.create_or_resume(DIGITS, BUDGETS, [0, 1], ["uniform"], url,
+                                                 tmp_path, name, {}, heartbeat=0.3, grace=2.0)
+    env = {**os.environ, "PYTHONPATH": str(FIXTURES.parent.parent)}
+    cmd = [sys.executable, str(FIXTURES / "queue_worker.py"), url, name, str(sweep)]
+    victim = subprocess.Popen(cmd + ["3.0"], env=env)      # slow points: killed mid-point
+    # wait until the victim holds a point, then kill it without warning
+    deadline = time.time() + 60
+    held = None
+    while time.time() < deadline and held is None:
+        for t in study.get_trials():
+            if t.state.name == "RUNNING" and t.system_attrs.get(fr.OWNER_ATTR, "").endswith(
+                    f":{victim.pid}"):
+                held = t.system_attrs.get(fr.POINT_ATTR)
+        time.sleep(0.1)
+    assert held is not None, "the victim never started a point"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    survivor = subprocess.run(cmd + ["0.2"], env=env, timeout=180, capture_output=True, text=True)
+    assert survivor.returncode == 0, survivor.stderr[-2000:]
+
+    counts = _complete_counts(study)
+    keys = {fr.point_key(p) for p in manifest.points()}
+    assert set(counts) == keys and set(counts.values()) == {1}    # every point exactly once
+    failed = [t for t in study.get_trials() if t.state.name == "FAIL"]
+    assert [t.system_attrs.get(fr.POINT_ATTR) for t in failed] == [held]
+    starts = (sweep / "trials" / held / "starts.txt").read_text().split()
+    assert len(starts) == 2                       # the killed start and the retry
+    for k in keys:
+        assert (sweep / "trials" / k / "done.json").is_file()
+
+
+def test_unreachable_storage_is_a_one_line_error():
+    proc = run_cli("frontier", "--space", DIGITS, "--budgets", "w4a4", "--storage",
+                   "postgresql://nobody:pw@127.0.0.1:1/none", "--no-run")
+    assert_one_line_error(proc, "cannot reach storage", "***@127.0.0.1")
+
+
+def test_empty_budget_list_is_a_one_line_error(tmp_path):
+    proc = run_cli("frontier", "--space", DIGITS, "--budgets", " , ", "--out", str(tmp_path))
+    assert_one_line_error(proc, "--budgets is empty")
+
+
+def test_bad_budget_in_the_list_is_named(tmp_path):
+    proc = run_cli("frontier", "--space", DIGITS, "--budgets", "w4a4,w4a", "--out", str(tmp_path))
+    assert_one_line_error(proc, "w4a")
+
+
+def test_worker_for_an_unknown_study_lists_what_exists(tmp_path):
+    fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], str(tmp_path / "s.journal"),
+                        tmp_path, "exists", {})
+    proc = run_cli("worker", "--storage", str(tmp_path / "s.journal"), "--study", "nope")
+    assert_one_line_error(proc, "no study 'nope'", "exists")
+
+
+def test_the_journal_opens_in_optuna_dashboard(tmp_path):
+    """optuna-dashboard reads the sweep's journal as it is (its WSGI app lists the study)."""
+    import io
+    import json
+
+    import optuna_dashboard
+
+    fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], str(tmp_path / "s.journal"),
+                        tmp_path, "dash", {})
+    app = optuna_dashboard.wsgi(fr.open_storage(str(tmp_path / "s.journal")))
+    status = {}
+    body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies",
+                         "QUERY_STRING": "", "SERVER_NAME": "x", "SERVER_PORT": "80",
+                         "wsgi.input": io.BytesIO(), "wsgi.errors": io.StringIO(),
+                         "wsgi.url_scheme": "http"},
+                        lambda s, h, exc_info=None: status.setdefault("s", s)))
+    assert status["s"].startswith("200")
+    assert "dash" in [s["study_name"] for s in json.loads(body)["study_summaries"]]
