@@ -200,6 +200,9 @@ def execute(prep: Prepared, run: RunDir | None = None, resume: bool = False,
     wall = time.perf_counter() - t0
     result = final_record(prep, final, wall)
     if env.is_main:
+        from coqat.export.qparams import write_qparams
+
+        write_qparams(run, prep.model, prep.bitconfig)  # derived quantizer state for deployers
         result["resumed"] = resume
         run.write_json(FINAL, result)
     return run, result
