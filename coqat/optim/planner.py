@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from coqat.errors import CoqatError
+
 QAT_FRACTION_A = 6.7297
 FITTED_S_RANGE = (10.0, 1e5)
 
@@ -39,20 +41,37 @@ class QatPlan:
         lo, hi = FITTED_S_RANGE
         return lo <= self.tokens_per_param_byte <= hi
 
+    @property
+    def note(self) -> str | None:
+        """Why the prediction should not be trusted as is (None inside the fitted range)."""
+        s, (lo, hi) = self.tokens_per_param_byte, FITTED_S_RANGE
+        if s <= 1.0:
+            return (f"S = {s:.3g} <= 1 (fewer tokens than parameter bytes): the formula does"
+                    " not apply; QAT fraction set to 0, the limit from above")
+        if s < lo:
+            return f"S = {s:.3g} is below the fitted range ({lo:g}..{hi:g}): an extrapolation"
+        if s > hi:
+            return f"S = {s:.3g} is above the fitted range ({lo:g}..{hi:g}): an extrapolation"
+        return None
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["in_fitted_range"] = self.in_fitted_range
+        d["note"] = self.note
         d["formula"] = f"f = exp(-{QAT_FRACTION_A} / ln S), S = D / (N*B/8)"
         return d
 
 
 def tokens_per_param_byte(tokens: float, params: float, bits: float) -> float:
-    if tokens <= 0 or params <= 0 or bits <= 0:
-        raise ValueError("tokens, params and bits must be positive")
+    """S = D / (N * B / 8): training tokens per byte of quantized weights."""
+    if not all(math.isfinite(v) and v > 0 for v in (tokens, params, bits)):
+        raise CoqatError(f"tokens ({tokens}), params ({params}) and bits ({bits}) must be"
+                         " positive finite numbers")
     return tokens / (params * bits / 8.0)
 
 
 def predict_qat_fraction(tokens: float, params: float, bits: float) -> float:
+    """The predicted loss-optimal share of ``tokens`` to spend in QAT, in [0, 1]."""
     s = tokens_per_param_byte(tokens, params, bits)
     if s <= 1.0:
         return 0.0
