@@ -184,6 +184,12 @@ class QuantLinear(_QuantLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_quantized:
             return F.linear(x, self.weight, self.bias)
+        if getattr(self, "kernels", "auto") != "reference":
+            from coqat.kernels.dispatch import kernel_forward  # Triton path: CUDA only
+
+            y = kernel_forward(self, x)
+            if y is not None:
+                return y
         unrotate = self.form == "full"
         xq = self._operand(x, self.a_bits, self.a_block, unrotate)
         return F.linear(xq, self._weight_operand(unrotate), self.bias)
@@ -298,8 +304,9 @@ def quantize_model(model: nn.Module, bitconfig: BitConfig, method: str | None = 
     "auto", "triton" or "reference"; it is recorded on each module as ``.kernels``.
     """
     _check_form(form)
-    if kernels not in ("auto", "triton", "reference"):
-        raise CoqatError(f"kernels = {kernels!r}; use auto, triton or reference")
+    from coqat.kernels.dispatch import check_kernels  # "triton" without a GPU: CoqatError
+
+    check_kernels(kernels)
     plan = []
     for fqn, lb in bitconfig.layers.items():
         try:

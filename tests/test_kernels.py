@@ -1,0 +1,498 @@
+"""Tests for coqat.kernels: the torch reference, the Triton kernels (CPU interpreter), dispatch.
+
+Three kinds of test live here:
+
+- In-process CPU tests of ``coqat.kernels.reference`` against ``coqat.quant`` (the numerics
+  definition) and against independent float64 arithmetic, of the kernel-path autograd
+  Function against the fake-quant module, and of ``--kernels`` dispatch and its errors.
+- Triton kernels under the CPU interpreter. ``TRITON_INTERPRET=1`` must be set before
+  Triton builds the kernels, so every interpreter check runs in ONE subprocess (this file
+  run as a script); the other test files never see the variable. Shapes are small and the
+  tiles fixed, per the interpreter rules of reference/kernels.md section 3.
+- GPU tests (bit-exactness at GPU shapes, cuBLAS FP8, the module on CUDA); they skip
+  cleanly without CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coqat.bitconfig import BitConfig, LayerBits
+from coqat.errors import CoqatError
+from coqat.kernels import reference as ref
+from coqat.kernels.linear import linear_spec, lowbit_linear
+from coqat.quant import (
+    QuantLinear,
+    dequantize,
+    hadamard_transform,
+    quantize_model,
+    quantize_rows,
+)
+
+HERE = Path(__file__).resolve()
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (float32 compared as int32, FP8 as uint8)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype == torch.float32:
+        return torch.equal(a.view(torch.int32), b.view(torch.int32))
+    if a.dtype == ref.FP8_DTYPE:
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return torch.equal(a, b)
+
+
+def _rows_with_range(rows: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """Rows whose values span many binades (and include exact zeros): hard for rounding."""
+    g = torch.Generator().manual_seed(seed)
+    octaves = torch.randint(-12, 4, (rows, k), generator=g).float()
+    x = torch.randn(rows, k, generator=g) * torch.exp2(octaves)
+    x[:, ::17] = 0.0
+    return (x * torch.rand(rows, 1, generator=g) * 4).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference (CPU, in process)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("w,a,method,expect", [
+    (4, 4, "quest", ("fp8", True, False)), (2, 3, "quest", ("fp8", True, False)),
+    (4, 5, "quest", ("int8", True, False)), (6, 6, "quest", ("int8", True, False)),
+    (8, 4, "quest", ("int8", False, True)), (5, 5, "rtn", ("fp8", False, False)),
+    (6, 2, "rtn", ("int8", False, False)), (8, 8, "rtn", ("int8", False, False)),
+])
+def test_storage_format_follows_the_wider_operand(w, a, method, expect):
+    fmt = ref.lowbit_format(w, a, method)
+    assert (fmt.dtype, fmt.odd, fmt.correction) == expect
+
+
+def test_a_16_bit_operand_has_no_lowbit_format():
+    with pytest.raises(CoqatError, match="both operands quantized"):
+        ref.lowbit_format(4, 16)
+    with pytest.raises(CoqatError, match="reference path"):
+        linear_spec(16, 4, 128)
+
+
+@pytest.mark.parametrize("bits,method", [(2, "quest"), (3, "quest"), (4, "quest"), (5, "quest"),
+                                         (6, "quest"), (8, "quest"), (4, "rtn"), (5, "rtn"),
+                                         (8, "rtn")])
+def test_every_code_is_stored_exactly_and_maps_back(bits, method):
+    fmt = ref.lowbit_format(bits, bits, method)
+    lo = -(2 ** (bits - 1)) + (method == "rtn")
+    c = torch.arange(lo, 2 ** (bits - 1), dtype=torch.int16).to(torch.int8)
+    stored = ref.store_codes(c, fmt)
+    expect = (2 * c.float() + 1) if fmt.odd else c.float()
+    assert torch.equal(stored.float(), expect)       # exact in FP8 / INT8: no rounding
+    assert torch.equal(ref.integer_codes(stored, fmt), c)
+
+
+@pytest.mark.parametrize("bits,method,block", [(4, "quest", 128), (8, "quest", 64),
+                                               (3, "quest", 32), (4, "rtn", 1), (8, "rtn", 128)])
+def test_quantize_ref_is_quantize_rows_of_the_rotation(bits, method, block):
+    x = _rows_with_range(6, 256)
+    fmt = ref.lowbit_format(bits, bits, method)
+    q = ref.quantize_ref(x, ref.RowQuantizer(bits, fmt, method, block))
+    rot = hadamard_transform(x, block) if block > 1 else x
+    res = quantize_rows(rot, bits, method)
+    assert torch.equal(ref.integer_codes(q.codes, fmt), res.codes)
+    assert _bits_equal(q.step, res.scale.reshape(-1))
+    assert torch.equal(ref.unpack_mask_bits(q.mask_bits, 256), res.mask)
+    if fmt.correction:
+        assert torch.equal(q.rowsum, res.codes.to(torch.int32).sum(-1))
+    else:
+        assert q.rowsum is None
+
+
+def test_mask_bits_layout_is_eight_elements_a_byte_low_bit_first():
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, 0] = mask[0, 7] = mask[0, 8] = True
+    mask[1, 9] = True
+    bits = ref.pack_mask_bits(mask)
+    assert bits.tolist() == [[0x81, 0x01], [0x00, 0x02]]
+    assert torch.equal(ref.unpack_mask_bits(bits, 10), mask)
+
+
+@pytest.mark.parametrize("bits,method", [(4, "quest"), (8, "quest"), (6, "quest"), (4, "rtn")])
+def test_dequantize_ref_is_bit_equal_to_quant_dequantize(bits, method):
+    fmt = ref.lowbit_format(bits, bits, method)
+    q = ref.quantize_ref(torch.randn(5, 128), ref.RowQuantizer(bits, fmt, method, 128))
+    c = ref.integer_codes(q.codes, fmt)
+    assert _bits_equal(ref.dequantize_ref(q, fmt, method), dequantize(c, q.step[:, None], method))
+
+
+@pytest.mark.parametrize("w,a,method", [(4, 4, "quest"), (2, 3, "quest"), (5, 6, "quest"),
+                                        (8, 8, "quest"), (4, 8, "quest"), (4, 4, "rtn"),
+                                        (8, 6, "rtn")])
+def test_lowbit_matmul_ref_is_the_product_of_the_dequantized_values(w, a, method):
+    """The integer GEMM (incl. the 8-bit +1/2 correction) against float64 arithmetic on the
+    values ``coqat.quant.dequantize`` defines."""
+    torch.manual_seed(1)
+    fmt = ref.lowbit_format(w, a, method)
+    block = 128 if method == "quest" else 1
+    qa = ref.quantize_ref(torch.randn(9, 256), ref.RowQuantizer(a, fmt, method, block))
+    qw = ref.quantize_ref(torch.randn(7, 256), ref.RowQuantizer(w, fmt, method, block))
+    va = dequantize(ref.integer_codes(qa.codes, fmt), qa.step[:, None], method).double()
+    vw = dequantize(ref.integer_codes(qw.codes, fmt), qw.step[:, None], method).double()
+    bias = torch.randn(7)
+    exact = va @ vw.t() + bias.double()
+    got = ref.lowbit_matmul_ref(qa, qw, fmt, bias, torch.float32)
+    # four float32 roundings (int->float, two scales, bias), relative to the magnitudes
+    bound = 4 * 2.0 ** -24 * (va.abs() @ vw.abs().t() + bias.double().abs())
+    assert bool(((got.double() - exact).abs() <= bound).all())
+
+
+def test_masked_rotate_ref_is_the_backward_of_rotate_then_mask():
+    x = torch.randn(4, 256, requires_grad=True)
+    mask = torch.rand(4, 256) > 0.4
+    y = hadamard_transform(x, 128).masked_fill(~mask, 0.0)
+    g = torch.randn(4, 256)
+    (expect,) = torch.autograd.grad(y, x, g)
+    got = ref.masked_rotate_ref(g, ref.pack_mask_bits(mask), 128, torch.float32)
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("w,a,method,form,bias", [
+    (4, 4, "quest", "half", True), (4, 4, "quest", "full", False), (2, 3, "quest", "half", True),
+    (8, 8, "quest", "half", False), (6, 5, "quest", "half", True), (4, 8, "rtn", "half", True),
+])
+def test_kernel_path_matches_the_fake_quant_module(w, a, method, form, bias):
+    """lowbit_linear (reference backend) gives the module's output and gradients (x, W, b)
+    to float32 rounding: same codes, same STE masks, same back-rotation."""
+    torch.manual_seed(0)
+    lin = QuantLinear(256, 48, bias=bias, w_bits=w, a_bits=a, method=method, form=form,
+                      hadamard_block=128 if method == "quest" else None)
+    lin.kernels = "reference"
+    x = torch.randn(3, 5, 256, requires_grad=True)
+    g = torch.randn(3, 5, 48)
+    y_mod = lin(x)
+    grads_mod = torch.autograd.grad(y_mod, [x, lin.weight] + ([lin.bias] if bias else []), g)
+    spec = linear_spec(w, a, lin.w_block, method, backend="reference")
+    y = lowbit_linear(x, lin.weight, lin.bias, spec)
+    grads = torch.autograd.grad(y, [x, lin.weight] + ([lin.bias] if bias else []), g)
+    torch.testing.assert_close(y, y_mod, rtol=1e-5, atol=1e-5)
+    for got, expect in zip(grads, grads_mod):
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_rotation_differs_from_the_exact_one_on_wide_range_inputs():
+    """The rotation check under the interpreter (``rotation_*``) can fail: on these inputs a
+    float32 Hadamard gives other values than the exact float64 sums rounded once."""
+    for dtype in (torch.bfloat16, torch.float32):
+        x = _rows_with_range(16, 256, dtype, seed=3)
+        exact = hadamard_transform(x, 128)
+        h = ref.sylvester_matrix(128).float() * 128 ** -0.5
+        fp32 = (x.float().reshape(-1, 128) @ h).reshape(x.shape)
+        assert not torch.equal(exact, fp32)
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatch and errors
+# ----------------------------------------------------------------------------------------
+def test_auto_on_cpu_keeps_the_reference_numerics():
+    torch.manual_seed(0)
+    lin = QuantLinear(128, 32, w_bits=4, a_bits=4)
+    x = torch.randn(6, 128)
+    lin.kernels = "reference"
+    expect = lin(x)
+    lin.kernels = "auto"
+    assert torch.equal(lin(x), expect)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_kernels_triton_without_gpu_is_a_one_line_error():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(CoqatError) as err:
+        quantize_model(model, BitConfig({"0": LayerBits(4, 4)}), kernels="triton")
+    msg = str(err.value)
+    assert "--kernels triton" in msg and "--kernels auto" in msg and "\n" not in msg
+    assert isinstance(model[0], torch.nn.Linear) and not isinstance(model[0], QuantLinear)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cli_kernels_triton_without_gpu_exits_2(runs):
+    from conftest import DIGITS, assert_one_line_error, run_cli
+
+    proc = run_cli("train", "--space", DIGITS, "--bits", "w4a4", "--qat-fraction", "1",
+                   "--steps", "2", "--kernels", "triton", "--out", str(runs), "-q")
+    assert_one_line_error(proc, "--kernels triton", "CUDA")
+
+
+def test_unknown_kernels_value_is_rejected():
+    with pytest.raises(CoqatError, match="auto, triton, reference"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                       BitConfig({"0": LayerBits(4, 4)}), kernels="cuda")
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels under the CPU interpreter (one subprocess for all checks)
+# ----------------------------------------------------------------------------------------
+def _interp_k1() -> dict:
+    from coqat.kernels.triton_quant import QuantConfig, quantize_rows_triton
+
+    out = {}
+    cases = [
+        # name, rows, k, dtype, bits, method, block, config, kwargs
+        ("quest4_h128_bf16", 16, 256, torch.bfloat16, 4, "quest", 128, None, {}),
+        ("quest2_h128_fp16", 16, 256, torch.float16, 2, "quest", 128, None, {}),
+        ("quest3_h128_fp32", 16, 256, torch.float32, 3, "quest", 128, None, {}),
+        ("quest5_h128_int8odd", 16, 256, torch.float32, 5, "quest", 128, None, {}),
+        ("quest6_h64", 16, 256, torch.bfloat16, 6, "quest", 64, None, {}),
+        ("quest8_h128_int8_rowsum", 16, 256, torch.float32, 8, "quest", 128, None, {}),
+        ("quest4_h32_ragged_rows", 7, 96, torch.float32, 4, "quest", 32, None, {}),
+        ("quest4_h8", 5, 24, torch.float32, 4, "quest", 8, None, {}),
+        ("quest4_noH", 8, 64, torch.float32, 4, "quest", 1, None, {}),
+        ("rtn4_noH", 8, 64, torch.bfloat16, 4, "rtn", 1, None, {}),
+        ("rtn8_h128", 8, 256, torch.float32, 8, "rtn", 128, None, {}),
+        ("two_sweeps", 8, 384, torch.float32, 4, "quest", 128, QuantConfig(2, 128, 4), {}),
+        ("two_sweeps_int8", 8, 384, torch.float32, 8, "quest", 128, QuantConfig(4, 256, 4), {}),
+        ("padded_k640", 3, 640, torch.bfloat16, 4, "quest", 128, None, {}),
+        ("div_rn_instead_of_markstein", 16, 256, torch.float32, 4, "quest", 128, None,
+         {"markstein": False}),
+        ("conversion_instructions", 16, 256, torch.bfloat16, 4, "quest", 128, None,
+         {"int_cvt": False}),
+        ("four_threads_a_block", 8, 384, torch.bfloat16, 8, "quest", 128,
+         QuantConfig(2, 128, 4, elems=32), {}),
+        ("persistent_pipelined", 37, 256, torch.float32, 4, "quest", 128,
+         QuantConfig(4, 256, 4, 64, persist=2, stages=2), {}),
+    ]
+    for name, rows, k, dtype, bits, method, block, cfg, kw in cases:
+        x = _rows_with_range(rows, k, dtype, seed=len(out))
+        fmt = ref.lowbit_format(bits, bits, method)
+        q = ref.RowQuantizer(bits, fmt, method, block)
+        got = quantize_rows_triton(x, q, config=cfg, **kw)
+        exp = ref.quantize_ref(x, q)
+        out[f"k1_{name}"] = {
+            "codes": _bits_equal(got.codes, exp.codes), "step": _bits_equal(got.step, exp.step),
+            "mask": torch.equal(got.mask_bits, exp.mask_bits),
+            "rowsum": (got.rowsum is None and exp.rowsum is None)
+            or torch.equal(got.rowsum, exp.rowsum)}
+    # The quantizer's RNE ties: rows built so that clipped/step + 1/2 lands on exact halves.
+    x = torch.zeros(4, 128)
+    x[:, 0] = 1.0
+    x[:, 1:9] = torch.tensor([0.5, 1.5, -0.5, -2.5, 2.5, 3.5, -3.5, 0.25])
+    fmt = ref.lowbit_format(4, 4, "quest")
+    q = ref.RowQuantizer(4, fmt, "quest", 1)
+    got, exp = quantize_rows_triton(x, q), ref.quantize_ref(x, q)
+    out["k1_ties"] = {"codes": _bits_equal(got.codes, exp.codes),
+                      "step": _bits_equal(got.step, exp.step),
+                      "mask": torch.equal(got.mask_bits, exp.mask_bits), "rowsum": True}
+    return out
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # only in the interpreter subprocess
+    import triton
+    import triton.language as tl
+
+    from coqat.kernels.triton_quant import _load_rotated, _tile_coords
+
+    @triton.jit
+    def _rotate_kernel(x_ptr, out_ptr, M, stride, K: tl.constexpr, BM: tl.constexpr,
+                       NG: tl.constexpr, G: tl.constexpr, Q: tl.constexpr, H: tl.constexpr,
+                       LOG_B: tl.constexpr, HSCALE: tl.constexpr):
+        """K1's rotation stage alone, its float32 result stored."""
+        row0 = tl.program_id(0) * BM
+        r = _load_rotated(x_ptr, row0, 0, M, stride, K, BM, NG, G, Q, H, 8, LOG_B, HSCALE, False)
+        row, _h, col = _tile_coords(row0, 0, BM, NG, G, Q, H, 8)
+        tl.store(out_ptr + row[None, :, None] * stride + col, r,
+                 mask=(row < M)[None, :, None] & (col < K))
+
+
+def _interp_rotation() -> dict:
+    """K1's rotation (exact float64 butterflies, one rounding) vs hadamard_transform."""
+    from coqat.kernels.triton_quant import _group, _next_pow2
+    from coqat.quant.hadamard import hadamard_scale
+
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for block, k in ((128, 256), (64, 192), (32, 96)):
+            x = _rows_with_range(16, k, dtype, seed=3)
+            g, q, h = _group(block)
+            ng = _next_pow2(k // g)
+            got = torch.empty(16, k)
+            _rotate_kernel[(4,)](x, got, 16, k, K=k, BM=4, NG=ng, G=g, Q=q, H=h,
+                                LOG_B=block.bit_length() - 1, HSCALE=hadamard_scale(block))
+            name = f"rotation_b{block}_{str(dtype).split('.')[-1]}"
+            out[name] = {"values": _bits_equal(got, hadamard_transform(x, block))}
+    return out
+
+
+def _interp_k2() -> dict:
+    from coqat.kernels.gemm import GemmConfig, lowbit_matmul_triton
+
+    out = {}
+    for w, a, method, m, n, k, cfg in [
+            (4, 4, "quest", 64, 96, 256, None), (2, 3, "quest", 40, 50, 128, None),
+            (5, 6, "quest", 64, 32, 128, None),
+            (8, 8, "quest", 48, 40, 96, GemmConfig(32, 32, 64, 2, 4, 1)),
+            (4, 8, "quest", 33, 17, 256, None), (4, 4, "rtn", 64, 64, 96, None),
+            (8, 6, "rtn", 32, 64, 128, None)]:
+        torch.manual_seed(m + n + k)
+        fmt = ref.lowbit_format(w, a, method)
+        block = 32 if method == "quest" else 1
+        qa = ref.quantize_ref(torch.randn(m, k), ref.RowQuantizer(a, fmt, method, block))
+        qw = ref.quantize_ref(torch.randn(n, k), ref.RowQuantizer(w, fmt, method, block))
+        bias = torch.randn(n)
+        got = lowbit_matmul_triton(qa, qw, fmt, bias, torch.float32, config=cfg)
+        exp = ref.lowbit_matmul_ref(qa, qw, fmt, bias, torch.float32)
+        out[f"k2_w{w}a{a}_{method}_{fmt.dtype}_{m}x{n}x{k}"] = {"out": _bits_equal(got, exp)}
+    return out
+
+
+def _interp_k3() -> dict:
+    from coqat.kernels.triton_backward import dequantize_triton, masked_rotate_triton
+
+    out = {}
+    for bits, method in ((4, "quest"), (8, "quest"), (6, "quest"), (4, "rtn")):
+        fmt = ref.lowbit_format(bits, bits, method)
+        q = ref.quantize_ref(torch.randn(9, 256), ref.RowQuantizer(bits, fmt, method, 128))
+        out[f"k3_dequantize_{bits}_{method}"] = {
+            "fp32": _bits_equal(dequantize_triton(q, fmt, method, torch.float32),
+                                ref.dequantize_ref(q, fmt, method, torch.float32))}
+    for m, k, block in ((16, 256, 128), (5, 640, 128), (7, 96, 32), (3, 40, 1)):
+        g = torch.randn(m, k)
+        bits = ref.pack_mask_bits(torch.rand(m, k) > 0.3)
+        got = masked_rotate_triton(g, bits, block, torch.float32)
+        exp = ref.masked_rotate_ref(g, bits, block, torch.float32)
+        out[f"k3_masked_rotate_{m}x{k}_b{block}"] = {
+            "close": bool(torch.allclose(got, exp, rtol=1e-5, atol=1e-5))}
+    # The whole autograd Function on the Triton backend (interpreted) vs the reference backend.
+    torch.manual_seed(0)
+    x = torch.randn(24, 256, requires_grad=True)
+    w = torch.randn(32, 256, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    g = torch.randn(24, 32)
+    res = {}
+    for backend in ("reference", "triton"):
+        y = lowbit_linear(x, w, b, linear_spec(4, 4, 128, backend=backend))
+        res[backend] = (y,) + torch.autograd.grad(y, (x, w, b), g)
+    out["k3_autograd_triton_vs_reference"] = {
+        name: bool(torch.allclose(t, r, rtol=1e-5, atol=1e-5))
+        for name, t, r in zip(("y", "dx", "dw", "db"), res["triton"], res["reference"])}
+    out["k3_autograd_forward_bits"] = {"y": _bits_equal(res["triton"][0], res["reference"][0])}
+    return out
+
+
+def _interp_k4() -> dict:
+    from coqat.kernels import pack
+    from coqat.kernels.triton_pack import (
+        pack_int2_triton,
+        pack_int4_triton,
+        unpack_int2_triton,
+        unpack_int4_triton,
+    )
+
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for shape in ((5, 37), (3, 4, 64), (1, 1), (17, 130)):
+        c4 = torch.randint(-8, 8, shape, dtype=torch.int8, generator=g)
+        c2 = torch.randint(-2, 2, shape, dtype=torch.int8, generator=g)
+        p4, p2 = pack_int4_triton(c4), pack_int2_triton(c2)
+        n = shape[-1]
+        out[f"k4_{'x'.join(map(str, shape))}"] = {
+            "int4_bytes": torch.equal(p4, pack.pack_int4(c4)),
+            "int2_bytes": torch.equal(p2, pack.pack_int2(c2)),
+            "int4_back": torch.equal(unpack_int4_triton(p4, n), c4),
+            "int2_back": torch.equal(unpack_int2_triton(p2, n), c2)}
+    out["k4_worked_examples"] = {
+        "int4": pack_int4_triton(torch.tensor([[1, -1, -8, 7]], dtype=torch.int8)).tolist()
+        == [[0xF1, 0x78]],
+        "int2": pack_int2_triton(torch.tensor([[-2, -1, 0, 1]], dtype=torch.int8)).tolist()
+        == [[0x4E]]}
+    return out
+
+
+def _interpreter_checks() -> dict:
+    results = {}
+    for part in (_interp_rotation, _interp_k1, _interp_k2, _interp_k3, _interp_k4):
+        results.update(part())
+    return results
+
+
+@pytest.fixture(scope="module")
+def interp_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE), "--interpreter-checks"], env=env, check=False,
+                          capture_output=True, text=True, timeout=600, cwd=HERE.parent.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+INTERP_CHECKS = (
+    [f"rotation_b{b}_{d}" for b in (128, 64, 32) for d in ("bfloat16", "float32")]
+    + [f"k1_{n}" for n in ("quest4_h128_bf16", "quest2_h128_fp16", "quest3_h128_fp32",
+                         "quest5_h128_int8odd", "quest6_h64", "quest8_h128_int8_rowsum",
+                         "quest4_h32_ragged_rows", "quest4_h8", "quest4_noH", "rtn4_noH",
+                         "rtn8_h128", "two_sweeps", "two_sweeps_int8", "padded_k640",
+                         "div_rn_instead_of_markstein", "conversion_instructions",
+                         "four_threads_a_block", "persistent_pipelined", "ties")]
+    + ["k2_w4a4_quest_fp8_64x96x256", "k2_w2a3_quest_fp8_40x50x128", "k2_w5a6_quest_int8_64x32x128",
+       "k2_w8a8_quest_int8_48x40x96", "k2_w4a8_quest_int8_33x17x256", "k2_w4a4_rtn_fp8_64x64x96",
+       "k2_w8a6_rtn_int8_32x64x128"]
+    + [f"k3_dequantize_{b}" for b in ("4_quest", "8_quest", "6_quest", "4_rtn")]
+    + [f"k3_masked_rotate_{s}" for s in ("16x256_b128", "5x640_b128", "7x96_b32", "3x40_b1")]
+    + ["k3_autograd_triton_vs_reference", "k3_autograd_forward_bits"]
+    + ["k4_5x37", "k4_3x4x64", "k4_1x1", "k4_17x130", "k4_worked_examples"]
+)
+
+
+@pytest.mark.parametrize("check", INTERP_CHECKS)
+def test_triton_kernel_matches_reference_under_interpreter(interp_results, check):
+    """K1 codes/steps/masks/row sums and K2 outputs bit for bit; K3 helpers; K4 bytes."""
+    assert check in interp_results, sorted(interp_results)
+    failed = {k: v for k, v in interp_results[check].items() if not v}
+    assert not failed, f"{check}: {failed}"
+
+
+def test_every_interpreter_check_is_asserted(interp_results):
+    assert sorted(interp_results) == sorted(INTERP_CHECKS)
+
+
+# ----------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# ----------------------------------------------------------------------------------------
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,method,block,dtype", [(4, "quest", 128, torch.bfloat16),
+                                                     (8, "quest", 128, torch.float32),
+                                                     (4, "rtn", 1, torch.bfloat16)])
+def test_k1_on_gpu_is_bit_exact(bits, method, block, dtype):
+    from coqat.kernels.triton_quant import quantize_rows_triton
+
+    x = (torch.randn(2048, 4096, device="cuda") * torch.rand(2048, 1, device="cuda")).to(dtype)
+    fmt = ref.lowbit_format(bits, bits, method)
+    q = ref.RowQuantizer(bits, fmt, method, block)
+    got, exp = quantize_rows_triton(x, q), ref.quantize_ref(x, q)
+    assert _bits_equal(got.codes, exp.codes) and _bits_equal(got.step, exp.step)
+    assert torch.equal(got.mask_bits, exp.mask_bits)
+
+
+@GPU
+@pytest.mark.gpu
+def test_module_on_gpu_kernels_matches_reference_path():
+    torch.manual_seed(0)
+    lin = QuantLinear(512, 256, w_bits=4, a_bits=4).cuda()
+    x = torch.randn(4, 128, 512, device="cuda", requires_grad=True)
+    outs = {}
+    for path in ("reference", "triton"):
+        lin.kernels = path
+        x.grad = lin.weight.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = lin(x)
+        y.float().square().mean().backward()
+        outs[path] = (y.float(), x.grad.float(), lin.weight.grad.float())
+    for got, exp in zip(outs["triton"], outs["reference"]):
+        assert float((got - exp).norm() / exp.norm()) < 1e-2      # bf16 GEMM rounding
+
+
+if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
+    # Run by the interp_results fixture with TRITON_INTERPRET=1 (set before Triton loads).
+    torch.set_num_threads(1)
+    print(json.dumps(_interpreter_checks()))
