@@ -110,6 +110,20 @@ class _QuantLayer:
     def _weight_operand(self, unrotate: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def _forward_weight(self, unrotate: bool) -> torch.Tensor:
+        """Q(weight) for the forward pass. Without autograd (evaluation) it is cached and
+        recomputed only when the weight changes: every in-place update (optimizer step,
+        load_state_dict) bumps the tensor's version, which is part of the cache key."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return self._weight_operand(unrotate)
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, unrotate,
+               self.w_bits, self.w_block, self.method, self.form, self.trust, self.clip_ratio)
+        cached = self.__dict__.get("_wq_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._weight_operand(unrotate).detach())
+            self.__dict__["_wq_cache"] = cached   # a plain attribute: never in state_dict
+        return cached[1]
+
     def project_weight(self) -> torch.Tensor:
         """Q(weight) in the original basis, no gradient: same bits, block and scales as forward.
 
@@ -192,7 +206,7 @@ class QuantLinear(_QuantLayer, nn.Linear):
                 return y
         unrotate = self.form == "full"
         xq = self._operand(x, self.a_bits, self.a_block, unrotate)
-        return F.linear(xq, self._weight_operand(unrotate), self.bias)
+        return F.linear(xq, self._forward_weight(unrotate), self.bias)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._quant_repr()}"
@@ -261,7 +275,7 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
             return self._conv_forward(x, self.weight, self.bias)
         unrotate = self.form == "full"
         xq = self._activation_operand(x, unrotate)
-        return self._conv_forward(xq, self._weight_operand(unrotate), self.bias)
+        return self._conv_forward(xq, self._forward_weight(unrotate), self.bias)
 
     def extra_repr(self) -> str:
         return f"{nn.Conv2d.extra_repr(self)}, {self._quant_repr()}"

@@ -9,6 +9,7 @@
       final.json           final metrics; present only when the run finished
       env.json             versions of coqat, torch, python, device
       model.safetensors    final weights (state_dict of the float/quantized model: same keys)
+      qparams.safetensors  derived quantizer state for deployers (weight steps, blocks)
       checkpoints/last.pt  resumable state, loadable with torch.load(weights_only=True)
 
 Every JSON file is written atomically (temp file + rename), so a reader never sees half a

@@ -45,6 +45,7 @@ class TrainOptions:
     optimizer: str | None = None
     cage_lambda: float | None = None
     cage_silence: float | None = None
+    cage_schedule: str | None = None
     kernels: str | None = None
     seed: int = 0
     device: str = "auto"
@@ -57,6 +58,7 @@ class TrainOptions:
         o = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size,
              "quantizer": self.quantizer, "optimizer": self.optimizer,
              "cage_lambda": self.cage_lambda, "cage_silence": self.cage_silence,
+             "cage_schedule": self.cage_schedule,
              "fuse_cooldown": self.fuse_cooldown, "kernels": self.kernels}
         if self.qat_fraction is not None:
             q = self.qat_fraction
@@ -115,6 +117,9 @@ def prepare(space_ref: str | Path | SearchSpace, options: TrainOptions,
                              " give tied layers one a_bits")
         if not bitconfig.tie_groups:
             bitconfig.tie_groups = list(resolved.tie_groups)
+    from coqat.kernels.dispatch import check_kernels
+
+    check_kernels(settings.kernels)  # --kernels triton without a GPU fails before any file
     schedule, qat_plan = build_schedule(settings, bitconfig, cost, workload)
     dist_env = DistEnv.from_env()
     device = dist_env.device(options.device)
@@ -155,6 +160,13 @@ def build_schedule(settings: TrainSettings, bitconfig: BitConfig | None, cost: C
     else:
         frac = float(settings.qat_fraction)
     qat_start = T - int(round(frac * T))
+    if qat_start >= T:
+        # A quantized config is always evaluated quantized: at least one QAT step, so the
+        # reported metric belongs to the model whose BOPs are reported.
+        qat_start = T - 1
+        if qat_plan is not None:
+            qat_plan["note"] = (qat_plan.get("note") or "") + \
+                " predicted QAT fraction rounds to 0 steps; 1 QAT step is run"
     fused = settings.fuse_cooldown if settings.fuse_cooldown is not None else mean_bits >= 4
     return Schedule(T, settings.warmup_steps, settings.decay_frac, settings.min_lr_ratio,
                     qat_start=qat_start, fused=fused), qat_plan

@@ -279,6 +279,9 @@ class LMWorkload(Workload):
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(1, self.seq_len, dtype=torch.long),)
 
+    def tokens_per_sample(self) -> int:
+        return self.seq_len
+
     # ----- data -----
     def _split_data(self, split: str) -> np.ndarray:
         check_split(split)
