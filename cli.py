@@ -123,6 +123,8 @@ def train(
     cage_lambda: Optional[float] = typer.Option(None, "--cage-lambda", help="CAGE lambda"),
     cage_silence: Optional[float] = typer.Option(
         None, "--cage-silence", help="share of the QAT phase before CAGE starts"),
+    cage_schedule: Optional[str] = typer.Option(
+        None, "--cage-schedule", help="linear (ramp to lambda) | constant"),
     kernels: Optional[str] = typer.Option(
         None, "--kernels", help="auto (Triton on CUDA) | triton | reference (torch)"),
     seed: int = typer.Option(0, "--seed"),
@@ -146,7 +148,8 @@ def train(
         opts = runner.TrainOptions(
             bits=bits, quantizer=quantizer, steps=steps, lr=lr, batch_size=batch_size,
             qat_fraction=qat_fraction, fuse_cooldown=fuse_cooldown, optimizer=optimizer,
-            cage_lambda=cage_lambda, cage_silence=cage_silence, kernels=kernels, seed=seed,
+            cage_lambda=cage_lambda, cage_silence=cage_silence, cage_schedule=cage_schedule,
+            kernels=kernels, seed=seed,
             device=device,
             data_dir=data_dir, out=out, name=name, progress=progress)
         run, result = runner.run_train(space, opts)
@@ -185,6 +188,112 @@ def _print_result(result: dict) -> None:
 
 # ------------------------------------------------------------- search (coqat.search)
 # (search commands go here)
+@app.command()
+def search(
+    space: str = typer.Option("lm-tiny", "--space", "-s", help=SPACE_HELP),
+    budget: str = typer.Option(
+        ..., "--budget", "-B",
+        help="BOPs budget: w4a4, 0.5*w8a8, w4a4+0.5*(w8a8-w4a4), 34.7G, 0.02 (share of FP32)"),
+    method: str = typer.Option("gumbel", "--method", "-m",
+                               help="gumbel | optuna | random | uniform"),
+    baselines: str = typer.Option(
+        "uniform", "--baselines",
+        help="also run these at the same budget (comma list of uniform, random, optuna; none)"),
+    target: Optional[str] = typer.Option(
+        None, "--target", help="only bits this deployment target serves: vllm | onnx | torchao"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: Optional[int] = typer.Option(None, "--steps",
+                                        help="final QAT steps (default: the space's)"),
+    fp_steps: Optional[int] = typer.Option(
+        None, "--fp-steps",
+        help="FP phase steps (default: search.fp_steps of the space, else its steps)"),
+    search_steps: Optional[int] = typer.Option(
+        None, "--search-steps",
+        help="search phase steps (default: search.search_steps, else half the steps)"),
+    no_train: bool = typer.Option(False, "--no-train",
+                                  help="stop after the search: write the config, skip the QAT"),
+    quantizer: Optional[str] = typer.Option(None, "--quantizer", help="quest | rtn"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    qat_fraction: Optional[str] = typer.Option(
+        None, "--qat-fraction", help="final QAT: 'auto' or a share of the steps in [0, 1]"),
+    fuse_cooldown: Optional[bool] = typer.Option(
+        None, "--fuse-cooldown/--no-fuse-cooldown", help="final QAT during the LR decay"),
+    optimizer: Optional[str] = typer.Option(
+        None, "--optimizer", help="final QAT optimizer: adamw | cage-d | cage-c"),
+    cage_lambda: Optional[float] = typer.Option(None, "--cage-lambda", help="CAGE lambda"),
+    cage_silence: Optional[float] = typer.Option(None, "--cage-silence",
+                                                 help="share of QAT before CAGE starts"),
+    kernels: Optional[str] = typer.Option(None, "--kernels",
+                                          help="auto | triton | reference (final QAT)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where the dataset lives"),
+    out: str = typer.Option("runs", "--out", help="root directory for run directories"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Search per-layer bits under a BOPs budget, then QAT-train and evaluate the result."""
+    from coqat.search import METHODS, plan_search, execute_search
+    from coqat.train.runner import TrainOptions
+
+    others = [] if baselines.strip().lower() in ("", "none") else \
+        [b.strip().lower() for b in baselines.split(",") if b.strip()]
+    for name in [method, *others]:
+        if name not in METHODS:
+            raise CoqatError(f"unknown search method {name!r}; use one of {', '.join(METHODS)}")
+    others = [b for b in dict.fromkeys(others) if b != method]
+    if qat_fraction is not None and qat_fraction != "auto":
+        qat_fraction = _float_opt(qat_fraction, "--qat-fraction")
+    progress = not (quiet or json_out)
+    opts = TrainOptions(
+        steps=steps, lr=lr, batch_size=batch_size, quantizer=quantizer,
+        qat_fraction=qat_fraction, fuse_cooldown=fuse_cooldown, optimizer=optimizer,
+        cage_lambda=cage_lambda, cage_silence=cage_silence, kernels=kernels, seed=seed,
+        device=device, data_dir=data_dir, out=out, progress=progress)
+    overrides = {"fp_steps": fp_steps, "search_steps": search_steps}
+    # every job is validated before the first one writes anything
+    jobs = [plan_search(space, budget, m, opts, target, overrides) for m in [method, *others]]
+    say = (lambda msg: console.print(f"[dim]{msg}[/dim]")) if progress else None
+    results = []
+    optuna_seconds = None
+    for job in jobs:
+        if progress:
+            console.rule(f"[bold]{job.method}[/bold] at {job.budget_expr}")
+        _, res = execute_search(job, final_qat=not no_train, optuna_seconds=optuna_seconds,
+                                say=say)
+        if job.method == "gumbel":   # Optuna gets the Gumbel search's wall-clock
+            optuna_seconds = res.get("search_phase_wall_s")
+        results.append(res)
+    if json_out:
+        _emit_json({**results[0], "baselines": {r["method"]: r for r in results[1:]}})
+        return
+    _print_search(results)
+
+
+def _print_search(results: list[dict]) -> None:
+    from rich import box
+
+    first = results[0]
+    t = Table(title=f"{first['space']}: budget {first['budget_expr']} = "
+                    f"{first['budget_bops'] / 1e9:.4g} GBOPs, seed {first['seed']}",
+              title_justify="left", box=box.SIMPLE_HEAD, header_style="bold")
+    for col in ("method", "GBOPs", "of budget", "searchable", first["metric_name"], "bits",
+                "run"):
+        t.add_column(col, overflow="fold")
+    for r in results:
+        metric = "-" if r.get("metric") is None else f"{r['metric']:.4f}"
+        hist = ", ".join(f"{k}x{v}" for k, v in sorted(r["bits_histogram"].items(),
+                                                         key=lambda kv: -kv[1])[:4])
+        t.add_row(r["method"], f"{r['achieved_bops'] / 1e9:.4g}",
+                  f"{r['achieved_over_budget']:.3f}", f"{r['searchable_over_budget']:.3f}",
+                  metric, hist, r["run_dir"])
+    console.print(t)
+    rep = first.get("repair")
+    if rep:
+        lost = f", log-prob lost {rep['logprob_lost']:.3f}" if "logprob_lost" in rep else ""
+        console.print(f"[dim]repair: {rep['from_bops'] / 1e9:.4g} -> {rep['to_bops'] / 1e9:.4g}"
+                      f" GBOPs, {rep['layers_changed']} layer(s) changed{lost}; 'searchable' ="
+                      " share of the budget left after attention and pinned layers[/dim]")
 
 
 # ---------------------------------------------------- frontier / report (coqat.report)
@@ -282,7 +391,89 @@ def report(
 
 
 # ------------------------------------------------------ export / deploy (coqat.export)
-# (export and deploy commands go here)
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="a finished run directory (runs/<name>)"),
+    fmt: str = typer.Option("onnx", "--format", "-f",
+                            help="onnx | compressed-tensors | torchao | json"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="output directory (default: RUN/exports/FORMAT)"),
+    approx: bool = typer.Option(
+        False, "--approx", help="allow the documented approximations a format needs for "
+        "coqat's QuEST numerics (listed in the output) instead of refusing"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Export a run's per-layer bit configuration and weights to a deployment format."""
+    from coqat.export import export_run
+
+    with console.status(f"exporting {run} to {fmt} ...", spinner="dots") if not json_out \
+            else _no_status():
+        result = export_run(run, fmt, out, approx=approx)
+    if json_out:
+        _emit_json(result.to_dict())
+        return
+    kind = "[green]exact[/green]" if result.exact else "[yellow]approximate[/yellow]"
+    console.print(f"[bold]{result.format}[/bold] export of {result.run_dir} ({kind}) written to "
+                  f"[bold]{result.out_dir}[/bold]")
+    t = Table(box=None, pad_edge=False, show_header=False)
+    t.add_column("file")
+    t.add_column("bytes", justify="right")
+    for name, size in result.files.items():
+        t.add_row(name, f"{size:,}")
+    console.print(t)
+    for note in result.notes:
+        console.print(f"[dim]- {note}[/dim]")
+    for a in result.approximations:
+        console.print(f"[yellow]approximation:[/yellow] {a}")
+
+
+@app.command()
+def deploy(
+    run: Path = typer.Argument(..., help="a finished run directory (runs/<name>)"),
+    fmt: str = typer.Option("packed", "--format", "-f",
+                            help="packed (int codes in safetensors, torch) | onnx (onnxruntime)"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="output directory (default: RUN/exports/deploy-FORMAT)"),
+    max_batches: Optional[int] = typer.Option(
+        None, "--max-batches", help="evaluate on this many batches (default: the whole split)"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Build the packed model, evaluate it and report its metric and size against FP32."""
+    from coqat.export.deploy import deploy as run_deploy
+
+    if json_out:
+        rep = run_deploy(run, fmt, out, max_batches)
+        _emit_json(rep.to_dict())
+        return
+    with console.status("building the deployed model ...", spinner="dots") as status:
+        rep = run_deploy(run, fmt, out, max_batches,
+                         progress=lambda msg: status.update(f"{msg} ..."))
+    _print_deploy(rep)
+
+
+def _no_status():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _print_deploy(rep) -> None:
+    def size(n: int) -> str:
+        return f"{n / 1024:,.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):,.2f} MiB"
+
+    t = Table(title=f"deploy ({rep.format}): {rep.run_dir}", title_justify="left")
+    for col in ("model", rep.metric_name, "size on disk", "x FP32"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    t.add_row("FP32 state dict", "-", size(rep.fp32_bytes), "1.000")
+    t.add_row("QAT model (coqat)", f"{rep.reference_metric:.4f}", "-", "-")
+    t.add_row(f"deployed ({rep.format})", f"[bold]{rep.metric:.4f}[/bold]", size(rep.bytes),
+              f"[bold]{rep.size_ratio:.3f}[/bold]")
+    console.print(t)
+    where = "whole split" if rep.max_batches is None else f"{rep.max_batches} batches"
+    extra = f"; train reported {rep.final_metric:.4f}" if rep.final_metric is not None else ""
+    console.print(f"[dim]{rep.metric_name} on {where}{extra}; file {rep.file}[/dim]")
+    for note in rep.notes:
+        console.print(f"[dim]- {note}[/dim]")
 
 
 # ----------------------------------------------------------------------------------- plan

@@ -1,0 +1,542 @@
+"""Gumbel search vs uniform precision vs Optuna vs random, at equal BOPs, several seeds.
+
+What it measures (issue #5):
+
+run        for each seed and budget: the FP reference (= the search's cached FP phase, an
+           ordinary ``coqat train --bits fp`` of the same steps), the uniform config at the
+           largest BOPs not above the budget, a random config repaired into the budget, the
+           Gumbel search, and Optuna given the Gumbel search's wall-clock. Every method ends
+           in the identical final QAT (``coqat.search.run_search``: runner.prepare +
+           execute, i.e. ``coqat train --bits <chosen config>``). The report gives the metric
+           (mean, std over seeds), achieved/target BOPs, the share of the uniform -> FP gap
+           each method closes (paired by seed), and the seed-to-seed spread of the chosen
+           configs (mean pairwise number of layers whose bits differ).
+overhead   wall-clock of one search step (weight step + architecture step / arch_every)
+           against one QAT step of the same model and batch (target: at most 1.5x).
+report     rewrite README.md / results.json / PNG from the finished jobs.
+
+Resumable: each job's result is ``<out>/results/<key>.json``; a finished job is skipped, so
+the script can be called again after a timeout (the FP phase is cached by run_search too).
+With ``--deadline S`` no job starts after S seconds from the script's start.
+
+Examples::
+
+    # CPU part (2-core dev machine)
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/search_vs_uniform.py run --preset cpu \
+        --out runs/bench-search --report-dir reports/search_vs_uniform
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/search_vs_uniform.py overhead \
+        --report-dir reports/search_vs_uniform
+
+    # GPU part: one H100, one 10-minute call (resumable if it runs out of time)
+    python benchmarks/search_vs_uniform.py run --preset gpu --out /tmp/bench-search \
+        --report-dir reports/search_vs_uniform/gpu
+    # the same plan at toy size on the CPU (checks the preset end to end in ~2 minutes)
+    python benchmarks/search_vs_uniform.py run --preset gpu --smoke --out /tmp/smoke \
+        --report-dir /tmp/smoke/report
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+HALFWAY = "w4a4+0.5*(w8a8-w4a4)"
+METHODS = ("uniform", "random", "gumbel", "optuna")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the 2-core dev machine: lm-tiny at its own 400 steps, the w4a4 budget of the target
+    "cpu": {"space": "lm-tiny", "budgets": ["w4a4"], "seeds": 3, "steps": 400,
+            "fp_steps": 400, "search_steps": 200, "batch_size": None, "device": "cpu",
+            "workers": 2, "threads": 1, "deadline": None},
+    # One H100 (16 cores), one 10-minute call: lm-30m (6 x 640, seq 512) at batch 32;
+    # 8 jobs share the GPU. Per seed: FP 300 steps (cached, = the FP reference), search
+    # 150 steps, 4 final QATs of 300 steps. Jobs start FP/search chains first; nothing
+    # starts after 480 s, so the call ends with a report. Call again to finish the rest.
+    "gpu": {"space": "lm-30m", "budgets": ["w4a4", HALFWAY], "seeds": 3, "steps": 300,
+            "fp_steps": 300, "search_steps": 150, "batch_size": 32, "device": "cuda",
+            "workers": 8, "threads": 2, "deadline": 480},
+}
+SMOKE = {"space": str(ROOT / "tests" / "fixtures" / "lm-micro.toml"), "steps": 6,
+         "fp_steps": 6, "search_steps": 6, "batch_size": None, "device": "cpu",
+         "workers": 2, "threads": 1, "seeds": 2}
+
+
+# ------------------------------------------------------------------------------------------
+# jobs
+def job_key(method: str, budget: str, seed: int) -> str:
+    from coqat.search.pipeline import _slug
+
+    return f"{method}-{_slug(budget)}-s{seed}"
+
+
+def _options(cfg: dict[str, Any], seed: int, out: Path):
+    from coqat.train.runner import TrainOptions
+
+    return TrainOptions(steps=cfg["steps"], batch_size=cfg["batch_size"], seed=seed,
+                        device=cfg["device"], out=str(out / "runs"), progress=False)
+
+
+def _overrides(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"fp_steps": cfg["fp_steps"], "search_steps": cfg["search_steps"],
+            **cfg.get("search_set", {})}
+
+
+def _label(cfg: dict[str, Any], method: str) -> str:
+    """Result name of a searched method: ``gumbel``, or ``gumbel-<tag>`` for a variant run
+    with other [search] settings (--tag/--search-set); baselines carry no tag."""
+    return f"{method}-{cfg['tag']}" if cfg.get("tag") else method
+
+
+def _save(out: Path, key: str, rec: dict[str, Any]) -> None:
+    from coqat.util import atomic_write_json
+
+    atomic_write_json(out / "results" / f"{key}.json", rec)
+
+
+def _load(out: Path, key: str) -> dict[str, Any] | None:
+    p = out / "results" / f"{key}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _layer_bits(run_dir: str) -> dict[str, str]:
+    doc = json.loads((Path(run_dir) / "bitconfig.json").read_text())
+    out = {}
+    for name, e in doc["layers"].items():
+        w = 16 if e["weight"] is None else e["weight"]["bits"]
+        a = 16 if e["input_act"] is None else e["input_act"]["bits"]
+        out[name] = f"w{w}a{a}"
+    return out
+
+
+def _one_search(cfg, out: Path, method: str, budget: str, seed: int,
+                optuna_seconds: float | None = None) -> dict[str, Any]:
+    from coqat.search import run_search
+
+    t0 = time.perf_counter()
+    run, res = run_search(cfg["space"], budget, method, _options(cfg, seed, out),
+                          overrides=_overrides(cfg), optuna_seconds=optuna_seconds)
+    keep = ("method", "seed", "budget_expr", "budget_bops", "achieved_bops",
+            "achieved_over_budget", "searchable_over_budget", "metric", "metric_name",
+            "bits_histogram", "repair", "uniform", "optuna", "mu_final",
+            "search_phase_wall_s", "search_wall_s", "wall_s", "run_dir")
+    rec = {k: res[k] for k in keep if k in res}
+    rec["layer_bits"] = _layer_bits(run.path)
+    rec["job_wall_s"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def run_job(kind: str, cfg: dict[str, Any], out: str, seed: int,
+            budgets: list[str], deadline_at: float | None) -> list[str]:
+    """One worker task: a seed's chain (FP reference, then Gumbel and Optuna per budget,
+    which reuse its FP phase) or one independent baseline (uniform / random at a budget)."""
+    import torch
+
+    from coqat.search import plan_search
+    from coqat.search.pipeline import load_or_train_fp
+
+    torch.set_num_threads(cfg["threads"])
+    out_p = Path(out)
+    done: list[str] = []
+
+    def time_left() -> bool:
+        return deadline_at is None or time.time() < deadline_at
+
+    if kind == "chain":
+        key = f"fp-s{seed}"
+        if _load(out_p, key) is None and time_left():
+            job = plan_search(cfg["space"], budgets[0], "gumbel", _options(cfg, seed, out_p),
+                              overrides=_overrides(cfg))
+            info = load_or_train_fp(job, lambda _m: None)
+            _save(out_p, key, {"method": "fp", "seed": seed, "metric": info["metric"],
+                               "bops": job.fp_prep.cost.fp32_bops(), "cache": info["cache"]})
+            done.append(key)
+        for budget in budgets:
+            g = job_key(_label(cfg, "gumbel"), budget, seed)
+            if "gumbel" in cfg["methods"] and _load(out_p, g) is None and time_left():
+                _save(out_p, g, _one_search(cfg, out_p, "gumbel", budget, seed))
+                done.append(g)
+            o = job_key(_label(cfg, "optuna"), budget, seed)
+            if "optuna" in cfg["methods"] and _load(out_p, o) is None and time_left():
+                gres = _load(out_p, g)
+                secs = gres.get("search_phase_wall_s") if gres else None
+                _save(out_p, o, _one_search(cfg, out_p, "optuna", budget, seed, secs))
+                done.append(o)
+        return done
+    key = job_key(kind, budgets[0], seed)
+    if _load(out_p, key) is None and time_left():
+        _save(out_p, key, _one_search(cfg, out_p, kind, budgets[0], seed))
+        done.append(key)
+    return done
+
+
+def plan_tasks(cfg: dict[str, Any]) -> list[tuple[str, int, list[str]]]:
+    """Chains first (they are longest and unblock Optuna), then the independent baselines."""
+    tasks = [("chain", s, list(cfg["budgets"])) for s in range(cfg["seeds"])]
+    for budget, s, m in itertools.product(cfg["budgets"], range(cfg["seeds"]),
+                                          ("uniform", "random")):
+        if m in cfg["methods"]:
+            tasks.append((m, s, [budget]))
+    return tasks
+
+
+def run(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results").mkdir(exist_ok=True)
+    deadline_at = time.time() + cfg["deadline"] if cfg.get("deadline") else None
+    tasks = plan_tasks(cfg)
+    print(f"{len(tasks)} tasks on {cfg['workers']} worker(s); results in {out}/results",
+          file=sys.stderr, flush=True)
+    if cfg["workers"] <= 1:
+        for t in tasks:
+            done = run_job(t[0], cfg, str(out), t[1], t[2], deadline_at)
+            print(f"task {t[0]} s{t[1]} {t[2]}: {done}", file=sys.stderr, flush=True)
+            write_report(cfg, out, report_dir)
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=cfg["workers"],
+                                 mp_context=mp.get_context("spawn")) as pool:
+            pending = {pool.submit(run_job, t[0], cfg, str(out), t[1], t[2], deadline_at): t
+                       for t in tasks}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    t = pending.pop(f)
+                    print(f"task {t[0]} s{t[1]} {t[2]}: {f.result()}", file=sys.stderr,
+                          flush=True)
+                write_report(cfg, out, report_dir)
+    write_report(cfg, out, report_dir)
+
+
+# ------------------------------------------------------------------------------------------
+# overhead
+def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str, Any]:
+    """Median wall-clock of FP, QAT (uniform w4a4), search weight and architecture steps."""
+    import copy
+
+    import torch
+
+    from coqat.bitconfig import LayerBits
+    from coqat.quant import quantize_model
+    from coqat.search import GumbelSearch, SearchProblem, SearchSettings, to_search_model
+    from coqat.train.loop import build_optimizer
+    from coqat.train.runner import TrainOptions, prepare
+    from common import machine_info
+
+    torch.set_num_threads(threads)
+    prep = prepare(space, TrainOptions(progress=False))
+    wl, bs = prep.workload, prep.settings.batch_size
+    base = prep.model
+    problem = SearchProblem.build(prep.resolved, prep.cost)
+    from coqat.cost import parse_budget
+
+    budget = parse_budget("w4a4", prep.cost, prep.resolved.pinned)
+    settings = SearchSettings()
+    batches = [wl.get_batch("train", i, bs) for i in range(steps + 2)]
+    holdout = [wl.get_batch("holdout", i, settings.resolved_arch_batch(bs))
+               for i in range(steps + 2)]
+
+    def train_step(model, opt):
+        def step(i):
+            wl.loss(model, batches[i]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    fp_model = copy.deepcopy(base)
+    q_model = quantize_model(copy.deepcopy(base), prep.resolved.uniform(LayerBits(4, 4)))
+    s_model = copy.deepcopy(base)
+    mods = to_search_model(s_model, problem)
+    gs = GumbelSearch(problem, prep.cost, mods, budget, settings, 0, arch_steps=steps + 2)
+    inner = train_step(s_model, build_optimizer(s_model, prep.settings))
+
+    def weight_step(i):
+        gs.apply(gs.sample(i, "weights", "hard"))
+        inner(i)
+
+    kinds = {"fp": train_step(fp_model, build_optimizer(fp_model, prep.settings)),
+             "qat_w4a4": train_step(q_model, build_optimizer(q_model, prep.settings)),
+             "search_weight": weight_step,
+             "search_arch": lambda i: gs.arch_step(s_model, holdout[i], wl.loss, i)}
+    # round-robin, so that a change of machine load hits every kind alike
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for i in range(steps + 2):
+        for k, fn in kinds.items():
+            t0 = time.perf_counter()
+            fn(i)
+            if i >= 2:                                   # two warm-up rounds
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    amortised = med["search_weight"] + med["search_arch"] / settings.arch_every
+    res = {"space": space, "batch_size": bs, "steps_timed": steps, "threads": threads,
+           "arch_batch_size": settings.resolved_arch_batch(bs),
+           "arch_every": settings.arch_every, "median_s": med,
+           "search_step_s": amortised, "search_over_qat": amortised / med["qat_w4a4"],
+           "arch_step_over_qat": med["search_arch"] / med["qat_w4a4"],
+           "target": "search step <= 1.5 x QAT step",
+           "passed": amortised <= 1.5 * med["qat_w4a4"],
+           "command": _command(), "machine": machine_info()}
+    report_dir.mkdir(parents=True, exist_ok=True)
+    from coqat.util import atomic_write_json
+
+    atomic_write_json(report_dir / f"overhead_{'cuda' if torch.cuda.is_available() else 'cpu'}"
+                                   f"_t{threads}.json", res)
+    print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=2))
+    return res
+
+
+# ------------------------------------------------------------------------------------------
+# report
+def _stats(xs: list[float]) -> dict[str, Any]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"n": 0}
+    return {"n": len(xs), "mean": statistics.fmean(xs),
+            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "min": min(xs), "max": max(xs)}
+
+
+def _hamming(configs: list[dict[str, str]]) -> float | None:
+    pairs = list(itertools.combinations(configs, 2))
+    if not pairs:
+        return None
+    return statistics.fmean(sum(a[n] != b[n] for n in a) for a, b in pairs)
+
+
+def _methods_found(out: Path, budget: str) -> list[str]:
+    """METHODS, then any tagged variants (gumbel-<tag>) that have results for ``budget``."""
+    from coqat.search.pipeline import _slug
+
+    tail = f"-{_slug(budget)}-s"
+    found = {p.name.split(tail)[0] for p in (out / "results").glob(f"*{tail}*.json")}
+    return list(METHODS) + sorted(found - set(METHODS))
+
+
+def analyse(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
+    seeds = range(cfg["seeds"])
+    fp = {s: _load(out, f"fp-s{s}") for s in seeds}
+    rows = []
+    for budget in cfg["budgets"]:
+        methods = _methods_found(out, budget)
+        per = {m: {s: _load(out, job_key(m, budget, s)) for s in seeds} for m in methods}
+        uni = per["uniform"]
+        for m in methods:
+            res = {s: r for s, r in per[m].items() if r is not None}
+            if not res:
+                continue
+            closes = []
+            for s, r in res.items():
+                u, f = uni.get(s), fp.get(s)
+                if u and f and u["metric"] is not None and r["metric"] is not None:
+                    gap = u["metric"] - f["metric"]
+                    if gap != 0:
+                        closes.append((u["metric"] - r["metric"]) / gap)
+            rows.append({
+                "budget": budget, "method": m, "seeds": sorted(res),
+                "metric": _stats([r["metric"] for r in res.values()]),
+                "achieved_over_budget": _stats([r["achieved_over_budget"] for r in res.values()]),
+                "searchable_over_budget": _stats([r["searchable_over_budget"]
+                                                  for r in res.values()]),
+                "gbops": _stats([r["achieved_bops"] / 1e9 for r in res.values()]),
+                "gap_closed_paired": _stats(closes),
+                "config_spread_layers": _hamming([r["layer_bits"] for r in res.values()]),
+                "n_layers": len(next(iter(res.values()))["layer_bits"]),
+                "bits": {s: r["bits_histogram"] for s, r in res.items()},
+                "search_wall_s": _stats([r.get("search_phase_wall_s") or r.get("search_wall_s")
+                                         for r in res.values()]),
+                "optuna_trials": [r["optuna"]["trials"] for r in res.values() if r.get("optuna")],
+                "per_seed": {s: r["metric"] for s, r in res.items() if r["metric"] is not None},
+            })
+    fp_stats = _stats([r["metric"] for r in fp.values() if r])
+    for row in rows:   # gap closed from the means (unpaired)
+        u = next((x for x in rows if x["budget"] == row["budget"] and x["method"] == "uniform"),
+                 None)
+        if u and fp_stats["n"] and u["metric"]["n"] and row["metric"]["n"]:
+            gap = u["metric"]["mean"] - fp_stats["mean"]
+            row["gap_closed_of_means"] = (u["metric"]["mean"] - row["metric"]["mean"]) / gap \
+                if gap else None
+    return {"fp": fp_stats, "rows": rows,
+            "fp_per_seed": {s: r["metric"] for s, r in fp.items() if r}}
+
+
+def write_report(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
+    from common import machine_info
+    from coqat.util import atomic_write_json, atomic_write_text
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    a = analyse(cfg, out)
+    doc = {"config": {k: v for k, v in cfg.items()}, "analysis": a, "command": _command(),
+           "machine": machine_info()}
+    atomic_write_json(report_dir / "results.json", doc)
+    _plot(a, cfg, report_dir / "search_vs_uniform.png")
+    atomic_write_text(report_dir / "RESULTS.md", _markdown(a, cfg))
+
+
+def _fmt(st: dict[str, Any], digits: int = 4) -> str:
+    if not st or not st.get("n"):
+        return "-"
+    return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
+
+
+def _markdown(a: dict[str, Any], cfg: dict[str, Any]) -> str:
+    lines = [f"Space `{cfg['space']}`, {cfg['seeds']} seeds, final QAT {cfg['steps']} steps, "
+             f"FP phase {cfg['fp_steps']}, search {cfg['search_steps']} steps, device "
+             f"{cfg['device']}. FP reference: {_fmt(a['fp'])} (n={a['fp'].get('n', 0)}).", "",
+             "| budget | method | n | metric (mean ± std) | gap closed (paired) | gap closed "
+             "(means) | achieved/budget | searchable/budget | config spread (layers) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in a["rows"]:
+        gm = r.get("gap_closed_of_means")
+        spread = "-" if r["config_spread_layers"] is None else \
+            f"{r['config_spread_layers']:.1f} of {r['n_layers']}"
+        lines.append(
+            f"| {r['budget']} | {r['method']} | {r['metric']['n']} | {_fmt(r['metric'])} | "
+            f"{_fmt(r['gap_closed_paired'], 2)} | {'-' if gm is None else f'{gm:.2f}'} | "
+            f"{r['achieved_over_budget']['min']:.4f}–{r['achieved_over_budget']['max']:.4f} | "
+            f"{r['searchable_over_budget']['min']:.3f}–{r['searchable_over_budget']['max']:.3f}"
+            f" | {spread} |")
+    seeds = range(cfg["seeds"])
+    lines += ["", "Per seed (same seed = same FP run, same final-QAT init and data order):", "",
+              "| budget | method | " + " | ".join(f"seed {s}" for s in seeds)
+              + " | better than uniform |", "|---|---|" + "---|" * (len(seeds) + 1)]
+    for r in a["rows"]:
+        u = next((x for x in a["rows"] if x["budget"] == r["budget"]
+                  and x["method"] == "uniform"), None)
+        vals = r["per_seed"]
+        wins = "-" if u is None or r["method"] == "uniform" else \
+            f"{sum(1 for s, v in vals.items() if s in u['per_seed'] and v < u['per_seed'][s])}" \
+            f" of {sum(1 for s in vals if s in u['per_seed'])}"
+        lines.append(f"| {r['budget']} | {r['method']} | "
+                     + " | ".join("-" if s not in vals else f"{vals[s]:.4f}" for s in seeds)
+                     + f" | {wins} |")
+    if a.get("fp_per_seed"):
+        lines.append("| | FP | " + " | ".join(
+            "-" if s not in a["fp_per_seed"] else f"{a['fp_per_seed'][s]:.4f}" for s in seeds)
+            + " | |")
+    lines += ["", "Chosen bits per seed (histogram over searchable layers):", ""]
+    for r in a["rows"]:
+        for s, h in r["bits"].items():
+            lines.append(f"- {r['budget']} {r['method']} seed {s}: "
+                         + ", ".join(f"{k}×{v}" for k, v in sorted(h.items())))
+    return "\n".join(lines) + "\n"
+
+
+def _plot(a: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in a["rows"] if r["metric"]["n"]]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        xs, ys, es = [], [], []
+        for j, b in enumerate(budgets):
+            r = next((r for r in rows if r["budget"] == b and r["method"] == m), None)
+            if r:
+                xs.append(j + (i - (len(methods) - 1) / 2) * width)
+                ys.append(r["metric"]["mean"])
+                es.append(r["metric"]["std"])
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=m)
+    if a["fp"].get("n"):
+        ax.axhline(a["fp"]["mean"], color="gray", ls="--", lw=1,
+                   label=f"FP ({a['fp']['n']} seeds)")
+    ax.set_xticks(range(len(budgets)), budgets)
+    ax.set_xlabel("BOPs budget")
+    ax.set_ylabel("validation loss (nats/byte)" if "lm" in cfg["space"] else "metric")
+    ax.set_title(f"{Path(cfg['space']).stem}: search vs uniform at equal BOPs "
+                 f"(mean ± std, {cfg['seeds']} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _command() -> str:
+    return "python benchmarks/search_vs_uniform.py " + " ".join(sys.argv[1:])
+
+
+# ------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+        p.add_argument("--smoke", action="store_true",
+                       help="the preset's plan at toy size on the CPU (micro LM, few steps)")
+        p.add_argument("--space")
+        p.add_argument("--budgets", help="comma list, e.g. w4a4,w3a3")
+        p.add_argument("--seeds", type=int)
+        p.add_argument("--methods", default=",".join(METHODS))
+        p.add_argument("--steps", type=int, help="final QAT steps")
+        p.add_argument("--fp-steps", type=int)
+        p.add_argument("--search-steps", type=int)
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--device")
+        p.add_argument("--workers", type=int)
+        p.add_argument("--threads", type=int)
+        p.add_argument("--deadline", type=float, help="start no job after this many seconds")
+        p.add_argument("--tag", default="", help="name of a variant of the searched methods"
+                       " (results gumbel-<tag>, optuna-<tag>); use with --search-set")
+        p.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",
+                       help="[search] setting for this run, e.g. arch_batch_size=16")
+        p.add_argument("--out", default="runs/bench-search")
+        p.add_argument("--report-dir", default="reports/search_vs_uniform")
+    p = sub.add_parser("overhead")
+    p.add_argument("--space", default="lm-tiny")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report-dir", default="reports/search_vs_uniform")
+    args = ap.parse_args()
+    if args.cmd == "overhead":
+        overhead(args.space, args.steps, args.threads, Path(args.report_dir))
+        return
+    cfg = dict(PRESETS[args.preset])
+    if args.smoke:
+        cfg.update(SMOKE)
+    for key in ("space", "seeds", "steps", "fp_steps", "search_steps", "batch_size", "device",
+                "workers", "threads", "deadline"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.budgets:
+        cfg["budgets"] = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    cfg["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in cfg["methods"] if m not in METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; use {','.join(METHODS)}")
+    cfg["tag"] = args.tag
+    cfg["search_set"] = {}
+    for item in args.search_set:
+        key, _, value = item.partition("=")
+        try:
+            cfg["search_set"][key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            cfg["search_set"][key.strip()] = value
+    if args.search_set and not args.tag:
+        ap.error("--search-set changes the search: give the variant a --tag")
+    out, report_dir = Path(args.out), Path(args.report_dir)
+    if args.cmd == "run":
+        run(cfg, out, report_dir)
+    else:
+        write_report(cfg, out, report_dir)
+    print((report_dir / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Mixing layers for the bit-width search: shared master weights, one matmul per layer.
+
+A ``SearchLinear`` / ``SearchConv2d`` holds the *same* weight and bias Parameters as the
+float layer it replaces (state_dict keys, the FP-phase weights and the optimizer all carry
+over), plus the candidate bit widths of its weight and of its input. Per forward it
+
+1. rotates each operand ONCE along the reduction dim (the Hadamard block QuantLinear would
+   use: QuEST's half form, both operands in the rotated basis);
+2. quantizes the rotated operand at each candidate width with ``ste_quantize`` (the
+   reference quantizer, masked straight-through backward);
+3. mixes those by the weights the search set on the module (``w_mix``, ``a_mix``);
+4. runs ONE matmul / conv on the mixed operands.
+
+No per-candidate weight copies are stored and no K-fold matmuls are run; the extra work of a
+search step over a QAT step is K elementwise quantizations per operand.
+
+A mix is either an ``int`` (a hard choice: only that candidate is computed, no gradient to
+the architecture, bit-for-bit the QuantLinear / QuantConv2d forward at those bits) or a
+tensor of K weights (soft Gumbel-softmax weights, or a straight-through one-hot whose
+forward is exactly one-hot and whose backward is the soft sample's). Candidates with a
+zero weight are still computed in the tensor case, because their gradient w.r.t. the
+mixing weight is their own quantized value.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coqat.bitconfig import FLOAT_BITS, BitConfig, check_bits
+from coqat.errors import CoqatError
+from coqat.quant import quantize_model
+from coqat.quant.hadamard import hadamard_block_for, hadamard_transform
+from coqat.quant.quantizers import QuantSpec, _resolve_max_block, quantize_rows, ste_quantize
+
+#: a hard choice (index into the candidates) or a weight per candidate
+Mix = Union[int, torch.Tensor]
+
+
+def _rotate(t: torch.Tensor, block: int) -> torch.Tensor:
+    return hadamard_transform(t, block) if block > 1 else t
+
+
+def mix_quantized(r: torch.Tensor, choices: tuple[int, ...], mix: Mix, method: str,
+                  rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``sum_k mix[k] * Q_{choices[k]}(r)`` (``Q_16`` = identity) over an already-rotated
+    ``r``; ``rows`` reshapes ``r`` into the rows that share a scale. An int ``mix``
+    computes only that candidate (through ``ste_quantize``, as QuantLinear does)."""
+    if isinstance(mix, int):
+        bits = choices[mix]
+        if bits == FLOAT_BITS:
+            return r
+        return ste_quantize(rows(r) if rows is not None else r, bits, method).reshape(r.shape)
+    if mix.shape != (len(choices),):
+        raise ValueError(f"mix has shape {tuple(mix.shape)}, expected ({len(choices)},)")
+    return _MixQuantFn.apply(r, mix, tuple(choices), method, rows)
+
+
+class _MixQuantFn(torch.autograd.Function):
+    """``y @ stack_k Q_k(r)`` with the masked straight-through backward of every candidate.
+
+    One function instead of K quantize/multiply/add graph nodes: the forward keeps the K
+    quantized copies and masks of this operand (freed after the backward); the backward is
+    one mat-vec for the mixing weights (``dL/dy_k = <g, Q_k(r)>``) and one for ``r``
+    (``dL/dr = (sum_k y_k M_k) * g``). Values equal ``sum_k y_k * ste_quantize(r, b_k)``.
+    """
+
+    @staticmethod
+    def forward(ctx, r, y, choices, method, rows):
+        shape = r.shape
+        r32 = r.detach().to(torch.float32)
+        q_in = rows(r32) if rows is not None else r32
+        values, masks = [], []
+        for bits in choices:
+            if bits == FLOAT_BITS:
+                values.append(r32.reshape(-1))
+                masks.append(torch.ones(r32.numel(), dtype=torch.bool, device=r.device))
+            else:
+                res = quantize_rows(q_in, bits, method)
+                values.append(res.values.reshape(-1))
+                masks.append(res.mask.reshape(-1))
+        q = torch.stack(values)                            # (K, N)
+        ctx.save_for_backward(q, torch.stack(masks), y)
+        ctx.in_dtype = r.dtype
+        return (y.to(torch.float32) @ q).reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, masks, y = ctx.saved_tensors
+        g = grad.reshape(-1).to(torch.float32)
+        grad_y = (q @ g).to(y.dtype) if ctx.needs_input_grad[1] else None
+        grad_r = None
+        if ctx.needs_input_grad[0]:
+            pass_through = y.to(torch.float32) @ masks.to(torch.float32)
+            grad_r = (pass_through * g).reshape(grad.shape).to(ctx.in_dtype)
+        return grad_r, grad_y, None, None, None
+
+
+class _SearchLayer:
+    """What SearchLinear and SearchConv2d share (a mixin, like coqat.quant's _QuantLayer)."""
+
+    w_choices: tuple[int, ...]
+    a_choices: tuple[int, ...]
+    method: str
+    block: int
+    w_mix: Mix | None
+    a_mix: Mix | None
+
+    def setup(self, w_choices, a_choices, method: str, hadamard_block: int | None) -> None:
+        for b in (*w_choices, *a_choices):
+            check_bits(b)
+        if not w_choices or not a_choices:
+            raise CoqatError("a search layer needs at least one weight and one activation"
+                             " candidate")
+        QuantSpec(8, method, hadamard_block)  # validates method and block
+        self.w_choices, self.a_choices = tuple(w_choices), tuple(a_choices)
+        self.method = method
+        self.block = self._rotation_block(_resolve_max_block(method, hadamard_block))
+        self.w_mix = self.a_mix = None
+
+    def _rotation_block(self, max_block: int) -> int:
+        raise NotImplementedError
+
+    def set_mix(self, w_mix: Mix, a_mix: Mix) -> None:
+        self.w_mix, self.a_mix = w_mix, a_mix
+
+    def _mixes(self) -> tuple[Mix, Mix]:
+        if self.w_mix is None or self.a_mix is None:
+            raise RuntimeError("search layer used before the search set its mixing weights")
+        return self.w_mix, self.a_mix
+
+    def _is_float(self, w_mix: Mix, a_mix: Mix) -> bool:
+        """A hard w16a16 choice: the plain float layer (as QuantLinear does, no rotation)."""
+        return isinstance(w_mix, int) and isinstance(a_mix, int) and \
+            self.w_choices[w_mix] == FLOAT_BITS and self.a_choices[a_mix] == FLOAT_BITS
+
+    def _operand(self, t: torch.Tensor, choices, mix: Mix,
+                 rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        r = _rotate(t, self.block)
+        return mix_quantized(r, choices, mix, self.method, rows).to(t.dtype)
+
+    def _search_repr(self) -> str:
+        return (f"w_choices={list(self.w_choices)}, a_choices={list(self.a_choices)}, "
+                f"method={self.method}, block={self.block}")
+
+
+class SearchLinear(_SearchLayer, nn.Linear):
+    """nn.Linear whose weight and input are mixtures of their quantized candidates."""
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, w_choices, a_choices, method: str = "quest",
+                   hadamard_block: int | None = None) -> "SearchLinear":
+        """Wrap ``module`` reusing its Parameters (no copies)."""
+        if not isinstance(module, nn.Linear):
+            raise CoqatError(f"SearchLinear needs an nn.Linear, got {type(module).__name__}")
+        m = cls(module.in_features, module.out_features, module.bias is not None,
+                device="meta", dtype=module.weight.dtype)
+        m.weight, m.bias = module.weight, module.bias
+        m.setup(w_choices, a_choices, method, hadamard_block)
+        return m.train(module.training)
+
+    def _rotation_block(self, max_block: int) -> int:
+        return hadamard_block_for(self.in_features, max_block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_mix, a_mix = self._mixes()
+        if self._is_float(w_mix, a_mix):
+            return F.linear(x, self.weight, self.bias)
+        xq = self._operand(x, self.a_choices, a_mix)
+        wq = self._operand(self.weight, self.w_choices, w_mix)
+        return F.linear(xq, wq, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._search_repr()}"
+
+
+class SearchConv2d(_SearchLayer, nn.Conv2d):
+    """nn.Conv2d version; the operand layout follows QuantConv2d (rotation over input
+    channels, one weight scale per output channel, one activation scale per pixel)."""
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, w_choices, a_choices, method: str = "quest",
+                   hadamard_block: int | None = None) -> "SearchConv2d":
+        if not isinstance(module, nn.Conv2d):
+            raise CoqatError(f"SearchConv2d needs an nn.Conv2d, got {type(module).__name__}")
+        m = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                module.padding, module.dilation, module.groups, module.bias is not None,
+                module.padding_mode, device="meta", dtype=module.weight.dtype)
+        m.weight, m.bias = module.weight, module.bias
+        m.setup(w_choices, a_choices, method, hadamard_block)
+        return m.train(module.training)
+
+    def _rotation_block(self, max_block: int) -> int:
+        return hadamard_block_for(self.in_channels, max_block) if self.groups == 1 else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_mix, a_mix = self._mixes()
+        if self._is_float(w_mix, a_mix):
+            return self._conv_forward(x, self.weight, self.bias)
+        xq = self._operand(x.movedim(-3, -1), self.a_choices, a_mix).movedim(-1, -3)
+        w = self.weight.permute(0, 2, 3, 1)
+        wq = self._operand(w, self.w_choices, w_mix, rows=lambda r: r.reshape(r.shape[0], -1))
+        return self._conv_forward(xq.contiguous(), wq.permute(0, 3, 1, 2).contiguous(),
+                                  self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Conv2d.extra_repr(self)}, {self._search_repr()}"
+
+
+SEARCH_TYPES = (SearchLinear, SearchConv2d)
+
+
+def set_assignment(modules: dict[str, _SearchLayer], problem, asg) -> None:
+    """Hard mixing at assignment ``asg``: the model then computes exactly that config."""
+    for n, m in modules.items():
+        w, a = problem.bits_of(asg, n)
+        m.set_mix(m.w_choices.index(w), m.a_choices.index(a))
+
+
+def to_search_model(model: nn.Module, problem, method: str | None = None,
+                    hadamard_block: int | None = None) -> dict[str, _SearchLayer]:
+    """Swap the problem's searchable layers for mixing layers (in place, by FQN) and its
+    pinned layers for their fixed quantized versions; returns FQN -> mixing layer.
+
+    Parameters are shared, never copied: optimizer state and the FP weights carry over.
+    """
+    method = method or problem.quantizer
+    pins = {n: b for n, b in problem.pinned.items() if not b.is_float}
+    if pins:
+        quantize_model(model, BitConfig(pins), method=method, hadamard_block=hadamard_block)
+    out: dict[str, _SearchLayer] = {}
+    for n in problem.searchable:
+        mod = model.get_submodule(n)
+        wd = problem.w_decisions[problem.layer_w[n]]
+        ad = problem.a_decisions[problem.layer_a[n]]
+        if isinstance(mod, nn.Conv2d):
+            new = SearchConv2d.from_float(mod, wd.choices, ad.choices, method, hadamard_block)
+        elif isinstance(mod, nn.Linear):
+            new = SearchLinear.from_float(mod, wd.choices, ad.choices, method, hadamard_block)
+        else:
+            raise CoqatError(f"searchable layer {n!r} is a {type(mod).__name__}; only"
+                             " nn.Linear and nn.Conv2d can be searched")
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        out[n] = new
+    return out
