@@ -61,6 +61,8 @@ class TrainSettings:
     eval_every: int = 100
     eval_batches: int = 16
     eval_batch_size: int = 32
+    #: batches of the end-of-run evaluation (the reported metric); 0 = the whole split
+    final_eval_batches: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
     quantizer: str = "quest"
@@ -86,6 +88,9 @@ class TrainSettings:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                  f"{name} must be a positive integer (got {v!r})")
+        need(isinstance(self.final_eval_batches, int) and self.final_eval_batches >= 0,
+             f"final_eval_batches must be an integer >= 0, 0 = the whole split (got"
+             f" {self.final_eval_batches!r})")
         need(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps,
              f"warmup_steps must be an integer in [0, steps) (got {self.warmup_steps!r})")
         need(self.lr > 0, f"lr must be > 0 (got {self.lr})")

@@ -21,7 +21,7 @@ import pytest
 
 from coqat.errors import CoqatError
 from coqat.report import frontier as fr
-from conftest import DIGITS, FIXTURES, assert_one_line_error, run_cli
+from conftest import DIGITS, FIXTURES, assert_one_line_error, cli_json, run_cli
 
 BUDGETS = ["w2a4", "w4a4", "w8a8"]
 
@@ -143,3 +143,51 @@ def test_the_journal_opens_in_optuna_dashboard(tmp_path):
                         lambda s, h, exc_info=None: status.setdefault("s", s)))
     assert status["s"].startswith("200")
     assert "dash" in [s["study_name"] for s in json.loads(body)["study_summaries"]]
+
+
+# ----- end to end: the reduced lm-tiny frontier with the real search ------------------------
+def _reduced_lm_tiny(tmp_path: Path) -> Path:
+    """lm-tiny (same model, data and search space) at few steps and a short final eval."""
+    from conftest import ROOT
+
+    text = (ROOT / "search_spaces" / "lm-tiny.toml").read_text()
+    for old, new in (("steps = 400", "steps = 16\nfinal_eval_batches = 2"),
+                     ("warmup_steps = 40", "warmup_steps = 2"),
+                     ("eval_every = 100", "eval_every = 16"),
+                     ("eval_batches = 8", "eval_batches = 1"),
+                     ("checkpoint_every = 100", "checkpoint_every = 16")):
+        assert old in text, old
+        text = text.replace(old, new)
+    text += "\n[search]\nfp_steps = 16\nsearch_steps = 8\n"
+    path = tmp_path / "lm-tiny-reduced.toml"
+    path.write_text(text.replace('name = "lm-tiny"', 'name = "lm-tiny-reduced"'))
+    return path
+
+
+def test_reduced_lm_tiny_frontier_runs_search_and_uniform_end_to_end(tmp_path):
+    import json
+
+    space = _reduced_lm_tiny(tmp_path)
+    budgets = ["w3a3", "w4a4", "w4a4+0.5*(w8a8-w4a4)", "w6a6"]
+    rep = cli_json("frontier", "--space", str(space), "--budgets", ",".join(budgets),
+                      "--seeds", "2", "--methods", "gumbel,uniform", "--out", str(tmp_path),
+                      "--workers", "2")
+    sweep = tmp_path / "frontier-lm-tiny-reduced"
+    trials = sorted((sweep / "trials").iterdir())
+    assert len(trials) == 16 and len(rep["points"]) == 16     # 4 budgets x 2 seeds x 2 methods
+    assert len(list((sweep / ".fp-cache").iterdir())) == 2    # one FP phase per seed, shared
+    for d in trials:
+        final = json.loads((d / "final.json").read_text())
+        assert final["achieved_bops"] <= final["budget_bops"]
+        if final["method"] == "gumbel":
+            assert 0.97 <= final["achieved_over_budget"] <= 1.0, (d.name, final)
+            assert (d / "search" / "trace.jsonl").is_file()
+        cfg = json.loads((d / "bitconfig.json").read_text())
+        for group in cfg["tie_groups"]:                       # q/k/v, gate/up share a_bits
+            assert len({cfg["layers"][n]["input_act"]["bits"] for n in group}) == 1, group
+    # the report: a Pareto front, uniform as its own group, the search trace, the plots
+    methods = {g["method"] for g in rep["groups"]}
+    assert methods == {"gumbel", "uniform"}
+    assert rep["pareto_front"] and rep["search"]
+    assert (sweep / "report.html").is_file()
+    assert any(sweep.glob("*.png"))

@@ -97,7 +97,7 @@ def search_summary(point: Point) -> dict[str, Any]:
     """Last values of the search trace (mu, temperature, E[BOPs]/B) and the repair record."""
     out: dict[str, Any] = {}
     for key in plots.SEARCH_KEYS:
-        xs, ys = plots._series(point.run_dir, None, key)
+        xs, ys = plots._series(point.run_dir, "search", key, plots.SEARCH_TRACE)
         if ys:
             out[key] = ys[-1]
             out[f"{key}_steps"] = len(ys)
@@ -171,7 +171,7 @@ def print_terminal(report: Report, console) -> None:
         _print_layer_grid(report, console)
 
     traces = [(p, search_summary(p)) for p in report.points]
-    traces = [(p, s) for p, s in traces if s]
+    traces = [(p, s) for p, s in traces if "mu" in s]   # points that ran a Gumbel search
     if traces:
         st = Table(title="search trace (last values)", title_justify="left",
                    box=box.SIMPLE_HEAD, pad_edge=False)
@@ -179,8 +179,8 @@ def print_terminal(report: Report, console) -> None:
             st.add_column(col, justify="right")
         for p, s in sorted(traces, key=lambda t: (t[0].bops, t[0].seed)):
             st.add_row(p.budget_expr or p.bits, str(p.seed), str(s.get("mu_steps", "")),
-                       _fmt(s.get("mu")), _fmt(s.get("temperature")),
-                       _fmt(s.get("ebops_ratio")), _fmt(s.get("achieved_over_budget")))
+                       _fmt(s.get("mu")), _fmt(s.get("tau")),
+                       _fmt(s.get("e_bops_over_budget")), _fmt(s.get("achieved_over_budget")))
         console.print(st)
     conv = conventions(report)
     if conv:

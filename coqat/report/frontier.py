@@ -16,8 +16,9 @@ heartbeat every ``heartbeat`` seconds; any worker that finds a RUNNING trial who
 is older than ``grace`` seconds marks it FAILED and enqueues the same point again (Optuna's
 own heartbeat exists for RDB storages only; the journal file has none, so coqat keeps its
 own). A point is never run twice: before running, a worker checks that no COMPLETE trial
-and no live RUNNING trial holds the same point, and a retried point resumes from the
-killed run's last checkpoint. Running the same ``coqat frontier`` command again resumes
+and no live RUNNING trial holds the same point; a retried point starts its run over (the FP
+phase is cached per seed under ``<sweep>/.fp-cache``, so only the search and the final QAT
+are redone). Running the same ``coqat frontier`` command again resumes
 the sweep; finished points are not redone.
 
 The sweep directory::
@@ -316,18 +317,39 @@ RunPoint = Callable[[SearchSpace, dict[str, Any], dict[str, Any], Path], dict[st
 
 def default_run_point(space: SearchSpace, point: dict[str, Any], options: dict[str, Any],
                       run_dir: Path) -> dict[str, Any]:
-    """Run one grid point with coqat's search (or the uniform baseline) into ``run_dir``."""
-    from coqat.search import run_search
+    """Run one grid point with coqat's search (or the uniform baseline) into ``run_dir``.
 
-    _, result = run_search(space, point["budget"], seed=int(point["seed"]),
-                           method=point["method"], options=dict(options), run_dir=run_dir)
+    ``options`` (the manifest's): ``steps_scale`` scales the FP phase, the search and the
+    final QAT alike; ``optimizer`` is the final QAT's; ``device``. The FP phase is cached
+    under ``<sweep>/.fp-cache`` and shared by every point of the same seed. A finished
+    ``run_dir`` is returned as it is; a partial one (a killed worker's) is started over.
+    """
+    import shutil
+
+    from coqat.report.rundir import FINAL, RunDir
+    from coqat.search import parse_search_settings, run_search
+    from coqat.train.runner import TrainOptions
+
+    run_dir = Path(run_dir)
+    if RunDir(run_dir).finished:
+        return RunDir(run_dir).read_json(FINAL)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    scale = float(options.get("steps_scale") or 1.0)
+    fp_steps, search_steps = parse_search_settings(space).resolved_steps(space.train.steps)
+    overrides = {"fp_steps": max(1, round(fp_steps * scale)),
+                 "search_steps": max(1, round(search_steps * scale))}
+    opts = TrainOptions(steps=max(1, round(space.train.steps * scale)), seed=int(point["seed"]),
+                        optimizer=options.get("optimizer"), device=options.get("device", "auto"),
+                        out=str(run_dir.parent.parent), progress=False)
+    _, result = run_search(space, point["budget"], method=point["method"], options=opts,
+                           overrides=overrides, run_dir=run_dir)
     return result
 
 
 def work(study, manifest: Manifest, sweep_dir: Path, run_point: RunPoint | None = None,
          poll: float = 2.0, max_points: int | None = None, on_point=None) -> int:
     """Pop and run points until the whole grid is COMPLETE. Returns how many this worker ran."""
-    import optuna
     from optuna.trial import TrialState
 
     run_point = run_point or default_run_point

@@ -105,9 +105,10 @@ def bits_heatmap(points: Sequence[Point], path: Path) -> Path | None:
     return path
 
 
-def _series(run_dir: str, kind: str | None, key: str) -> tuple[list[int], list[float]]:
+def _series(run_dir: str, kind: str | None, key: str,
+            file: str = "metrics.jsonl") -> tuple[list[int], list[float]]:
     xs, ys = [], []
-    f = Path(run_dir) / "metrics.jsonl"
+    f = Path(run_dir) / file
     if not f.is_file():
         return xs, ys
     with open(f) as fh:
@@ -148,14 +149,16 @@ def training_curves(points: Sequence[Point], path: Path, max_runs: int = 12) -> 
     return path
 
 
-SEARCH_KEYS = ("mu", "temperature", "ebops_ratio")
+# the Gumbel search's trace (coqat.search.pipeline writes it): one record per architecture step
+SEARCH_TRACE = "search/trace.jsonl"
+SEARCH_KEYS = ("mu", "tau", "e_bops_over_budget")
 
 
 def search_curves(points: Sequence[Point], path: Path, max_runs: int = 12) -> Path | None:
     """The search's multiplier mu, Gumbel temperature and E[BOPs]/B against steps."""
     with_trace = []
     for p in points:
-        series = {k: _series(p.run_dir, None, k) for k in SEARCH_KEYS}
+        series = {k: _series(p.run_dir, "search", k, SEARCH_TRACE) for k in SEARCH_KEYS}
         if any(xs for xs, _ in series.values()):
             with_trace.append((p, series))
     if not with_trace:

@@ -205,7 +205,8 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                              f" coqat train --resume {run.path}") from None
         raise
 
-    final = _evaluate(model, workload, settings, device, env, max_batches=None)
+    final = _evaluate(model, workload, settings, device, env,
+                      max_batches=settings.final_eval_batches or None)
     digests = env.all_gather_object(weights_digest(model)) if env.enabled else None
     if digests is not None and len(set(digests)) != 1:
         raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
