@@ -336,7 +336,7 @@ def estimate_search_seconds(job: SearchJob, probe_steps: int = 3) -> float:
     """Wall-clock a Gumbel search of this job would take, from a few timed steps on a copy
     of the model (Optuna's time limit when no Gumbel search ran alongside)."""
     prep, s, p = job.fp_prep, job.settings, job.problem
-    model = copy.deepcopy(prep.model)
+    model = copy.deepcopy(prep.model).to(prep.device)
     modules = to_search_model(model, p)
     search = GumbelSearch(p, prep.cost, modules, job.budget, s, job.options.seed, prep.device)
     opt = torch.optim.AdamW(model.parameters(), lr=prep.settings.lr * s.weight_lr_scale)
@@ -366,7 +366,7 @@ def _run_optuna(job: SearchJob, trace: Callable[[dict], None], seconds: float | 
     prep, s, p = job.fp_prep, job.settings, job.problem
     if seconds is None:
         seconds = s.optuna_seconds or estimate_search_seconds(job)
-    model = prep.model
+    model = prep.model.to(prep.device)   # FP weights loaded from the cache sit on the CPU
     modules = to_search_model(model, p)
     arch_bs = s.resolved_arch_batch(prep.settings.batch_size)
     proxy = proxy_loss_fn(model, lambda a: set_assignment(modules, p, a), prep.workload,
