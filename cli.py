@@ -508,12 +508,15 @@ def plan(
 @app.command()
 def demo(
     out: str = typer.Option("runs", "--out", help="root directory for run directories"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="override the space's steps"),
+    steps: Optional[int] = typer.Option(None, "--steps",
+                                        help="steps per phase (default 200)"),
+    budget: str = typer.Option("w4a4", "--budget", help="BOPs budget of the search"),
 ) -> None:
-    """The embedded default end to end on the CPU: count BOPs, train FP and W4A4, compare."""
+    """The embedded default end to end on the CPU: count BOPs, search per-layer bits for a
+    budget, train uniform precision at equal BOPs, compare, write the report and the config."""
     from coqat.api import run_demo
 
-    run_demo(console, out=out, steps=steps)
+    run_demo(console, out=out, steps=steps, budget=budget)
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:

@@ -88,32 +88,62 @@ def bops_report(space: str | None = None, model: str | None = None,
     }
 
 
-def run_demo(console, out: str = "runs", steps: int | None = None) -> dict[str, Any]:
-    """The embedded default end to end on the CPU: BOPs, then FP vs W4A4 QAT on lm-tiny."""
+DEMO_STEPS = 200   # per phase: FP phase, final QAT (the search runs half of it)
+
+
+def run_demo(console, out: str = "runs", steps: int | None = None,
+             budget: str = "w4a4") -> dict[str, Any]:
+    """The embedded default end to end on the CPU: count BOPs; search per-layer bits for a
+    BOPs budget (FP phase, Gumbel search, final QAT); train uniform precision at equal BOPs
+    with the identical final QAT; compare against the FP phase; write the HTML report and
+    the JSON export of the searched configuration."""
+    import time
+    from pathlib import Path
+
     from rich.table import Table
 
     from coqat.cost import format_bops
-    from coqat.train.runner import TrainOptions, run_train
+    from coqat.export import export_run
+    from coqat.report.build import build_report, write_html
+    from coqat.search import run_search
+    from coqat.train.runner import TrainOptions
 
+    steps = steps or DEMO_STEPS
+    root = Path(out) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     console.rule("[bold]coqat demo[/bold]: lm-tiny on the CPU")
     rep = bops_report(space=DEFAULT_SPACE)
     t = rep["totals"]
     console.print(f"model: {len(rep['layers'])} quantizable layers + attention,"
                   f" {t['gmacs'] * 1e3:.1f} MMACs per sequence; FP32 {t['gbops_fp32']:.1f},"
                   f" W8A8 {t['gbops_w8a8']:.2f}, W4A4 {t['gbops_w4a4']:.2f} GBOPs")
+    opts = TrainOptions(steps=steps, out=str(root))
+    overrides = {"fp_steps": steps, "search_steps": max(1, steps // 2)}
     results = {}
-    for bits in ("fp", "w4a4"):
-        console.print(f"training [bold]{bits}[/bold] ...")
-        run, res = run_train(DEFAULT_SPACE, TrainOptions(bits=bits, steps=steps, out=out))
-        results[bits] = {**res, "run_dir": str(run.path)}
-    table = Table(title="lm-tiny: validation loss vs compute", title_justify="left")
-    for col in ("bits", "val loss (nats/byte)", "bits/byte", "GBOPs", "% of FP32", "run"):
-        table.add_column(col)
-    for bits, r in results.items():
-        table.add_row(bits, f"{r['metric']:.4f}", f"{r['eval'].get('val_bpb', float('nan')):.4f}",
-                      format_bops(r["bops"]), f"{100 * r['bops_fraction_of_fp32']:.2f}",
-                      r["run_dir"])
+    for method in ("gumbel", "uniform"):
+        console.print(f"[bold]{method}[/bold] at budget {budget} ...")
+        run, res = run_search(DEFAULT_SPACE, budget, method, opts, overrides=overrides,
+                              say=lambda msg: console.print(f"  [dim]{msg}[/dim]"))
+        results[method] = {**res, "run_dir": str(run.path)}
+    g = results["gumbel"]
+    fp_metric = (g.get("fp_phase") or {}).get("metric")
+    table = Table(title=f"lm-tiny at the {budget} budget: validation loss vs compute"
+                        f" ({steps} steps per phase)", title_justify="left")
+    for col in ("config", "val loss (nats/byte)", "GBOPs", "x budget", "% of FP32"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    fp32 = g["fp32_bops"]
+    if fp_metric is not None:
+        table.add_row("FP (the search's FP phase)", f"{fp_metric:.4f}", format_bops(fp32),
+                      "", "100.00")
+    for method, r in results.items():
+        name = "searched, mixed" if method == "gumbel" else f"uniform {r.get('uniform', '')}"
+        table.add_row(name, f"{r['metric']:.4f}", format_bops(r["achieved_bops"]),
+                      f"{r['achieved_over_budget']:.4f}",
+                      f"{100 * r['achieved_bops'] / fp32:.2f}")
     console.print(table)
-    console.print("next: coqat bops --space lm-tiny --bits w4a4;"
-                  " coqat train --space lm-tiny --bits w3a3")
+    report = write_html(build_report(root))
+    exported = export_run(g["run_dir"], "json", None)
+    console.print(f"report: [bold]{report['html']}[/bold]  (coqat report {root})")
+    console.print(f"per-layer config: [bold]{exported.out_dir}[/bold]  (schema"
+                  f" coqat.bitconfig/v1; coqat export {g['run_dir']} --format onnx for ONNX)")
+    console.print("next: coqat frontier --space lm-tiny --budgets w3a3,w4a4,w6a6,w8a8 --seeds 2")
     return results

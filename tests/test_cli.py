@@ -141,3 +141,18 @@ def test_plan_rejects_nonpositive_numbers():
 def test_bops_with_model_but_no_shape():
     proc = run_cli("bops", "--model", "coqat/workloads/resnet.py:resnet18", cwd=ROOT)
     assert_one_line_error(proc, "--input-shape")
+
+
+def test_demo_runs_search_uniform_report_and_export_end_to_end(tmp_path):
+    proc = run_cli("demo", "--steps", "4", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    demo = next(tmp_path.glob("demo-*"))
+    assert (demo / "report.html").is_file()
+    runs = [d for d in demo.iterdir() if (d / "final.json").is_file()]
+    assert sorted(json.loads((d / "final.json").read_text())["method"] for d in runs) == \
+        ["gumbel", "uniform"]
+    for d in runs:
+        final = json.loads((d / "final.json").read_text())
+        assert final["achieved_bops"] <= final["budget_bops"]
+    assert list(demo.glob("*-gumbel-*/exports/json/bitconfig.json"))
+    assert "searched, mixed" in proc.stdout and "uniform w4a4" in proc.stdout
