@@ -126,6 +126,7 @@ def _one_search(cfg, out: Path, method: str, budget: str, seed: int,
                           overrides=_overrides(cfg), optuna_seconds=optuna_seconds)
     keep = ("method", "seed", "budget_expr", "budget_bops", "achieved_bops",
             "achieved_over_budget", "searchable_over_budget", "metric", "metric_name",
+            "higher_is_better",
             "bits_histogram", "repair", "uniform", "optuna", "mu_final",
             "search_phase_wall_s", "search_wall_s", "wall_s", "run_dir")
     rec = {k: res[k] for k in keep if k in res}
@@ -333,13 +334,6 @@ def analyse(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
             res = {s: r for s, r in per[m].items() if r is not None}
             if not res:
                 continue
-            closes = []
-            for s, r in res.items():
-                u, f = uni.get(s), fp.get(s)
-                if u and f and u["metric"] is not None and r["metric"] is not None:
-                    gap = u["metric"] - f["metric"]
-                    if gap != 0:
-                        closes.append((u["metric"] - r["metric"]) / gap)
             rows.append({
                 "budget": budget, "method": m, "seeds": sorted(res),
                 "metric": _stats([r["metric"] for r in res.values()]),
@@ -347,7 +341,6 @@ def analyse(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                 "searchable_over_budget": _stats([r["searchable_over_budget"]
                                                   for r in res.values()]),
                 "gbops": _stats([r["achieved_bops"] / 1e9 for r in res.values()]),
-                "gap_closed_paired": _stats(closes),
                 "config_spread_layers": _hamming([r["layer_bits"] for r in res.values()]),
                 "n_layers": len(next(iter(res.values()))["layer_bits"]),
                 "bits": {s: r["bits_histogram"] for s, r in res.items()},
@@ -356,16 +349,51 @@ def analyse(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                 "optuna_trials": [r["optuna"]["trials"] for r in res.values() if r.get("optuna")],
                 "per_seed": {s: r["metric"] for s, r in res.items() if r["metric"] is not None},
             })
-    fp_stats = _stats([r["metric"] for r in fp.values() if r])
-    for row in rows:   # gap closed from the means (unpaired)
-        u = next((x for x in rows if x["budget"] == row["budget"] and x["method"] == "uniform"),
-                 None)
-        if u and fp_stats["n"] and u["metric"]["n"] and row["metric"]["n"]:
-            gap = u["metric"]["mean"] - fp_stats["mean"]
-            row["gap_closed_of_means"] = (u["metric"]["mean"] - row["metric"]["mean"]) / gap \
-                if gap else None
-    return {"fp": fp_stats, "rows": rows,
-            "fp_per_seed": {s: r["metric"] for s, r in fp.items() if r}}
+    found = [r for r in itertools.chain(fp.values(), *(
+        _load(out, job_key(m, b, s)) for b in cfg["budgets"] for m in METHODS
+        for s in seeds)) if r and "higher_is_better" in r]
+    a = {"fp": _stats([r["metric"] for r in fp.values() if r]), "rows": rows,
+         "fp_per_seed": {s: r["metric"] for s, r in fp.items() if r},
+         "higher_is_better": bool(found and found[0]["higher_is_better"])}
+    return derive_gaps(a)
+
+
+def derive_gaps(a: dict[str, Any]) -> dict[str, Any]:
+    """Add each row's comparison with uniform at the same budget, from the per-seed metrics.
+
+    ``better_than_uniform``: per seed, how much better than uniform the method ended (same
+    seed = same FP run, final-QAT init and data order), in metric units (> 0: better).
+    ``gap_closed_paired``: per seed, that gain as a share of uniform's gap to the FP
+    reference, on the seeds where uniform is worse than FP (a share of a gap that does not
+    exist means nothing; ``gap_seeds`` says how many seeds had one). ``gap_closed_of_means``:
+    the same from the means, or None when uniform's mean is not worse than FP's.
+    Works on a fresh analysis and on one read back from results.json (string seed keys).
+    """
+    sign = -1.0 if a.get("higher_is_better") else 1.0      # > 0 means "better" below
+    fp = {str(s): v for s, v in a.get("fp_per_seed", {}).items()}
+    for row in a["rows"]:
+        uni = next((x for x in a["rows"] if x["budget"] == row["budget"]
+                    and x["method"] == "uniform"), None)
+        if uni is None:
+            continue
+        u_seed = {str(s): v for s, v in uni["per_seed"].items()}
+        better, shares = [], []
+        for seed, v in row["per_seed"].items():
+            u = u_seed.get(str(seed))
+            if u is None or v is None:
+                continue
+            better.append(sign * (u - v))
+            f = fp.get(str(seed))
+            if f is not None and sign * (u - f) > 0:
+                shares.append((u - v) / (u - f))
+        row["better_than_uniform"] = _stats(better)
+        row["gap_closed_paired"] = _stats(shares)
+        row["gap_seeds"] = len(shares)
+        gap = sign * (uni["metric"].get("mean", 0) - a["fp"].get("mean", 0)) \
+            if a["fp"].get("n") and uni["metric"].get("n") else 0.0
+        row["gap_closed_of_means"] = (uni["metric"]["mean"] - row["metric"]["mean"]) / \
+            (uni["metric"]["mean"] - a["fp"]["mean"]) if gap > 0 and row["metric"]["n"] else None
+    return a
 
 
 def write_report(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
@@ -381,6 +409,20 @@ def write_report(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
     atomic_write_text(report_dir / "RESULTS.md", _markdown(a, cfg))
 
 
+def rerender(report_dir: Path) -> None:
+    """RESULTS.md and the plot again from results.json (e.g. runs made on another machine)."""
+    from coqat.util import atomic_write_json, atomic_write_text
+
+    doc = json.loads((report_dir / "results.json").read_text())
+    if any("per_seed" not in r for r in doc["analysis"]["rows"]):
+        sys.exit(f"{report_dir}/results.json has no per-seed metrics (an older format):"
+                 " rewrite it with `report --out <the runs>` instead")
+    doc["analysis"] = derive_gaps(doc["analysis"])
+    atomic_write_json(report_dir / "results.json", doc)
+    _plot(doc["analysis"], doc["config"], report_dir / "search_vs_uniform.png")
+    atomic_write_text(report_dir / "RESULTS.md", _markdown(doc["analysis"], doc["config"]))
+
+
 def _fmt(st: dict[str, Any], digits: int = 4) -> str:
     if not st or not st.get("n"):
         return "-"
@@ -391,43 +433,58 @@ def _markdown(a: dict[str, Any], cfg: dict[str, Any]) -> str:
     lines = [f"Space `{cfg['space']}`, {cfg['seeds']} seeds, final QAT {cfg['steps']} steps, "
              f"FP phase {cfg['fp_steps']}, search {cfg['search_steps']} steps, device "
              f"{cfg['device']}. FP reference: {_fmt(a['fp'])} (n={a['fp'].get('n', 0)}).", "",
-             "| budget | method | n | metric (mean ± std) | gap closed (paired) | gap closed "
-             "(means) | achieved/budget | searchable/budget | config spread (layers) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| budget | method | n | metric (mean ± std) | better than uniform (paired) |"
+             " gap closed (paired) | gap closed (means) | achieved/budget | searchable/budget"
+             " | config spread (layers) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in a["rows"]:
         gm = r.get("gap_closed_of_means")
         spread = "-" if r["config_spread_layers"] is None else \
             f"{r['config_spread_layers']:.1f} of {r['n_layers']}"
+        paired = _fmt(r.get("gap_closed_paired", {}), 2)
+        if r.get("gap_seeds", 0) < r["metric"]["n"] and r["method"] != "uniform":
+            paired += f" (n={r.get('gap_seeds', 0)})"
         lines.append(
             f"| {r['budget']} | {r['method']} | {r['metric']['n']} | {_fmt(r['metric'])} | "
-            f"{_fmt(r['gap_closed_paired'], 2)} | {'-' if gm is None else f'{gm:.2f}'} | "
+            f"{'-' if r['method'] == 'uniform' else _fmt(r.get('better_than_uniform', {}))} | "
+            f"{'-' if r['method'] == 'uniform' else paired} | "
+            f"{'-' if gm is None or r['method'] == 'uniform' else f'{gm:.2f}'} | "
             f"{r['achieved_over_budget']['min']:.4f}–{r['achieved_over_budget']['max']:.4f} | "
             f"{r['searchable_over_budget']['min']:.3f}–{r['searchable_over_budget']['max']:.3f}"
             f" | {spread} |")
+    lines += ["", "Better than uniform: uniform's metric minus the method's, per seed (> 0:"
+              " the method is better). Gap closed: that gain over uniform's gap to the FP"
+              " reference, only where uniform is worse than FP (n = seeds with such a gap;"
+              " '-' in the means column: no gap on average).", ""]
     seeds = range(cfg["seeds"])
-    lines += ["", "Per seed (same seed = same FP run, same final-QAT init and data order):", "",
+    lines += ["Per seed (same seed = same FP run, same final-QAT init and data order):", "",
               "| budget | method | " + " | ".join(f"seed {s}" for s in seeds)
               + " | better than uniform |", "|---|---|" + "---|" * (len(seeds) + 1)]
     for r in a["rows"]:
         u = next((x for x in a["rows"] if x["budget"] == r["budget"]
                   and x["method"] == "uniform"), None)
-        vals = r["per_seed"]
+        vals = {int(k): v for k, v in r["per_seed"].items()}
+        u_vals = {} if u is None else {int(k): v for k, v in u["per_seed"].items()}
         wins = "-" if u is None or r["method"] == "uniform" else \
-            f"{sum(1 for s, v in vals.items() if s in u['per_seed'] and v < u['per_seed'][s])}" \
-            f" of {sum(1 for s in vals if s in u['per_seed'])}"
+            f"{sum(1 for s, v in vals.items() if s in u_vals and _better(v, u_vals[s], a))}" \
+            f" of {sum(1 for s in vals if s in u_vals)}"
         lines.append(f"| {r['budget']} | {r['method']} | "
                      + " | ".join("-" if s not in vals else f"{vals[s]:.4f}" for s in seeds)
                      + f" | {wins} |")
-    if a.get("fp_per_seed"):
+    fp_vals = {int(k): v for k, v in a.get("fp_per_seed", {}).items()}
+    if fp_vals:
         lines.append("| | FP | " + " | ".join(
-            "-" if s not in a["fp_per_seed"] else f"{a['fp_per_seed'][s]:.4f}" for s in seeds)
-            + " | |")
+            "-" if s not in fp_vals else f"{fp_vals[s]:.4f}" for s in seeds) + " | |")
     lines += ["", "Chosen bits per seed (histogram over searchable layers):", ""]
     for r in a["rows"]:
         for s, h in r["bits"].items():
             lines.append(f"- {r['budget']} {r['method']} seed {s}: "
                          + ", ".join(f"{k}×{v}" for k, v in sorted(h.items())))
     return "\n".join(lines) + "\n"
+
+
+def _better(v: float, u: float, a: dict[str, Any]) -> bool:
+    return v > u if a.get("higher_is_better") else v < u
 
 
 def _plot(a: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
@@ -498,12 +555,18 @@ def main() -> None:
                        help="[search] setting for this run, e.g. arch_batch_size=16")
         p.add_argument("--out", default="runs/bench-search")
         p.add_argument("--report-dir", default="reports/search_vs_uniform")
+    p = sub.add_parser("readme", help="rewrite RESULTS.md and the plot from the"
+                       " results.json in --report-dir (no runs needed)")
+    p.add_argument("--report-dir", default="reports/search_vs_uniform")
     p = sub.add_parser("overhead")
     p.add_argument("--space", default="lm-tiny")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-dir", default="reports/search_vs_uniform")
     args = ap.parse_args()
+    if args.cmd == "readme":
+        rerender(Path(args.report_dir))
+        return
     if args.cmd == "overhead":
         overhead(args.space, args.steps, args.threads, Path(args.report_dir))
         return
