@@ -28,6 +28,26 @@ def test_pareto_front_keeps_only_non_dominated_points():
     assert pareto_front(hib) == [hib[0]]
 
 
+def test_vs_uniform_compares_with_the_uniform_run_of_the_same_budget():
+    from coqat.report.build import Report, uniform_delta
+    from coqat.report.runs import group_points
+
+    def pt(method, bops, metric, budget):
+        return Point("", "s", method, "mixed", 0, bops, 1000, "loss", metric, False,
+                     budget_expr=budget)
+
+    # the search lands just under its budget, below the uniform config of that budget
+    pts = [pt("uniform", 100, 2.00, "w4a4"), pt("gumbel", 99, 1.90, "w4a4"),
+           pt("uniform", 50, 2.50, "w3a3"), pt("gumbel", 200, 1.80, "w6a6")]
+    groups = group_points(pts)
+    rep = Report(None, pts, [], groups, [])
+    by = {(g.method, g.budget): g for g in groups}
+    assert uniform_delta(rep, by["gumbel", "w4a4"]) == pytest.approx(0.10)
+    # no uniform run at that budget: the best uniform at no more BOPs
+    assert uniform_delta(rep, by["gumbel", "w6a6"]) == pytest.approx(0.20)
+    assert uniform_delta(rep, by["uniform", "w4a4"]) is None
+
+
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
