@@ -430,6 +430,32 @@ def test_pipeline_writes_a_search_run_and_reuses_the_fp_phase(runs):
     assert again["achieved_bops"] <= again["budget_bops"]
 
 
+def _fp_phase_in_process(out: str, queue) -> None:
+    from coqat.search.pipeline import load_or_train_fp, plan_search
+
+    job = plan_search(LM_MICRO, "w4a4", "gumbel",
+                      TrainOptions(out=out, progress=False, steps=4, seed=5),
+                      overrides={"fp_steps": 4, "search_steps": 4})
+    queue.put(load_or_train_fp(job, lambda _msg: None)["reused"])
+
+
+def test_concurrent_searches_train_a_shared_fp_phase_once(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fp_phase_in_process, args=(str(tmp_path), queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    reused = sorted(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert reused == [False, True]          # one trained it, the other waited and reused it
+    caches = [d for d in (tmp_path / ".fp-cache").iterdir() if d.is_dir()]
+    assert len(caches) == 1 and not list((tmp_path / ".fp-cache").glob("*.tmp-*"))
+
+
 def test_cli_search_with_baselines_json(runs):
     res = cli_json("search", "--space", LM_MICRO, "--budget", HALFWAY, "--method", "random",
                    "--baselines", "uniform", "--steps", "3", "--out", str(runs))

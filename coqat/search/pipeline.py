@@ -38,6 +38,7 @@ Run directory of a search (everything ``coqat train`` writes, plus ``search/``):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -242,11 +243,38 @@ def fp_cache_dir(job: SearchJob) -> Path:
         f"{job.space.name}-s{job.options.seed}-{fp_cache_key(job)[:16]}"
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (POSIX advisory lock; no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:              # not POSIX: the rename below still keeps one copy
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def load_or_train_fp(job: SearchJob, say: Callable[[str], None]) -> dict[str, Any]:
     """Put FP-phase weights into ``job.fp_prep.model``: from the cache, or by training
-    (then caching). Returns where they came from."""
-    prep = job.fp_prep
+    (then caching). Returns where they came from.
+
+    Frontier workers that need the same FP phase at once take turns on a lock file: the
+    first trains it, the others wait and reuse it instead of training it again.
+    """
     cache = fp_cache_dir(job)
+    with _exclusive(cache.with_name(cache.name + ".lock")):
+        return _load_or_train_fp_locked(job, cache, say)
+
+
+def _load_or_train_fp_locked(job: SearchJob, cache: Path,
+                             say: Callable[[str], None]) -> dict[str, Any]:
+    prep = job.fp_prep
     done = RunDir(cache)
     if done.finished and done.has("model.safetensors"):
         prep.model.load_state_dict(done.load_weights())
