@@ -816,7 +816,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         " readme: rewrite README.md from the results files in --report-dir"
                         " (no runs needed); list: the planned runs and their state")
     p.add_argument("--plan", choices=tuple(PLANS), default="cpu",
-                   help="preset (cpu: lm-tiny on the dev machine; gpu: lm-30m, one H100, one"
+                   help="preset (cpu: lm-tiny on the dev machine; gpu: lm-30m, one H100/H200, one"
                         " 10-minute call); flags below override it")
     p.add_argument("--space", help="search space (default: the plan's)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the plan's)")

@@ -27,7 +27,8 @@ Examples::
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/search_vs_uniform.py overhead \
         --report-dir reports/search_vs_uniform
 
-    # GPU part: one H100, one 10-minute call (resumable if it runs out of time)
+    # GPU part: one H100/H200; two 10-minute calls on one machine (the second resumes;
+    # on an H200 the whole grid took 551 s + 286 s)
     python benchmarks/search_vs_uniform.py run --preset gpu --out /tmp/bench-search \
         --report-dir reports/search_vs_uniform/gpu
     # the same plan at toy size on the CPU (checks the preset end to end in ~2 minutes)
