@@ -39,7 +39,7 @@ def _run_one(job: Job, out: str, threads: int) -> dict[str, Any]:
     run_path = Path(out) / job.key
     if (run_path / "final.json").is_file():
         return {**json.loads((run_path / "final.json").read_text()), "key": job.key,
-                "run_dir": str(run_path), "cached": True}
+                "run_dir": str(run_path), "cached": True, "job_options": job.options}
     opts = runner.TrainOptions(**{**job.options, "out": out, "progress": False})
     prep = runner.prepare(job.space, opts)
     resume = (run_path / "checkpoints" / "last.pt").is_file()
@@ -49,7 +49,8 @@ def _run_one(job: Job, out: str, threads: int) -> dict[str, Any]:
         shutil.rmtree(run_path)      # killed before its first checkpoint: start over
     run_path.mkdir(parents=True, exist_ok=True)
     _, result = runner.execute(prep, run=RunDir(run_path), resume=resume)
-    return {**result, "key": job.key, "run_dir": str(run_path), "cached": False}
+    return {**result, "key": job.key, "run_dir": str(run_path), "cached": False,
+            "job_options": job.options}
 
 
 def run_grid(jobs: Sequence[Job], out: str | os.PathLike, workers: int = 1,

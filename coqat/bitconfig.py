@@ -101,10 +101,12 @@ class BitConfig:
         pinned: Mapping[str, LayerBits] | None = None,
         tie_groups: Iterable[Iterable[str]] = (),
     ) -> "BitConfig":
-        """Every layer at ``bits`` except pinned ones, which keep their pinned bits."""
+        """Every layer at ``bits`` except pinned ones, which keep their pinned bits (their
+        names go into ``meta['pinned']``, so ``summary()`` still says e.g. 'w4a4')."""
         pinned = dict(pinned or {})
         layers = {n: pinned.get(n, bits) for n in names}
-        return cls(layers, [tuple(g) for g in tie_groups])
+        kept = [n for n in layers if n in pinned]
+        return cls(layers, [tuple(g) for g in tie_groups], {"pinned": kept} if kept else {})
 
     # ----- queries ------------------------------------------------------------------
     def __getitem__(self, name: str) -> LayerBits:
@@ -130,10 +132,13 @@ class BitConfig:
         return bad
 
     def summary(self) -> str:
-        """Short human label: 'w4a4' when uniform over quantized layers, else 'mixed'."""
-        labels = {b.label for b in self.quantized().values()}
+        """Short human label: 'w4a4' when uniform over the quantized layers (apart from the
+        layers its space pins, as recorded in ``meta`` by ``ResolvedSpace.uniform``), else
+        'mixed'."""
+        pinned = set(self.meta.get("pinned") or ())
+        labels = {b.label for n, b in self.quantized().items() if n not in pinned}
         if not labels:
-            return "fp"
+            return "fp" if not self.quantized() else "mixed"
         return labels.pop() if len(labels) == 1 else "mixed"
 
     def mean_weight_bits(self, params: Mapping[str, int]) -> float:

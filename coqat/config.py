@@ -212,8 +212,7 @@ class ResolvedSpace:
 
     def uniform(self, bits: LayerBits) -> BitConfig:
         """Uniform ``bits`` on every searchable layer; pinned layers keep their bits."""
-        layers = {n: self.pinned.get(n, bits) for n in self.layer_names}
-        return BitConfig(layers, list(self.tie_groups))
+        return BitConfig.uniform(self.layer_names, bits, self.pinned, self.tie_groups)
 
     def uniform_candidates(self) -> list[tuple[int, int]]:
         """(w, a) pairs that every searchable layer allows (uniform baselines come from these)."""

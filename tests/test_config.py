@@ -118,6 +118,19 @@ def test_bitconfig_json_round_trip_validates_and_carries_costs(tmp_path):
     assert back.summary() == "mixed"
 
 
+def test_uniform_config_with_pinned_layers_is_labelled_by_its_uniform_bits(tmp_path):
+    cost = CostModel.from_model(fashion_resnet(), (torch.randn(1, 1, 28, 28),))
+    cfg = cost.uniform_config(LayerBits(4, 4), {"conv1": LayerBits(8, 8), "fc": LayerBits(8, 8)})
+    assert cfg.summary() == "w4a4"                       # the pinned 8-bit ends don't count
+    back = BitConfig.load(cfg.save(tmp_path / "b.json", cost))
+    assert back.summary() == "w4a4"                      # the pins travel in meta
+    back.layers["layer2.0.conv1"] = LayerBits(2, 4)
+    assert back.summary() == "mixed"
+    space = load_space("fashion-resnet")
+    resolved = space.resolve(list(cost.layers), cost.tie_groups)
+    assert resolved.uniform(LayerBits(3, 3)).summary() == "w3a3"
+
+
 def test_schema_rejects_bad_documents():
     good = {"schema": SCHEMA_ID, "layers": {"fc": {"weight": {"bits": 4},
                                                    "input_act": {"bits": 8}}}}
