@@ -459,6 +459,9 @@ def _watch(study, manifest: Manifest, procs, console) -> None:
         TimeElapsedColumn
 
     total = progress(study, manifest)["total"]
+    if console is not None and not console.is_terminal:
+        _watch_plain(study, manifest, procs, console, total)
+        return
     with Progress(TextColumn("[bold]frontier"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[running]} running"), TimeElapsedColumn(),
                   console=console, disable=console is None) as bar:
@@ -469,3 +472,19 @@ def _watch(study, manifest: Manifest, procs, console) -> None:
             time.sleep(1.0)
         prog = progress(study, manifest)
         bar.update(task, completed=prog["complete"], running=0)
+
+
+def _watch_plain(study, manifest: Manifest, procs, console, total: int) -> None:
+    """Progress for logs and pipes: one line each time a point finishes."""
+    t0, last = time.monotonic(), -1
+    while True:
+        alive = any(p.is_alive() for p in procs)
+        prog = progress(study, manifest)
+        if prog["complete"] != last:
+            last = prog["complete"]
+            mins, secs = divmod(int(time.monotonic() - t0), 60)
+            console.print(f"frontier: {last}/{total} points done, {prog['running']} running,"
+                          f" {mins}:{secs:02d} elapsed", markup=False, highlight=False)
+        if not alive:
+            return
+        time.sleep(1.0)
