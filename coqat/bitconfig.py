@@ -133,8 +133,7 @@ class BitConfig:
 
     def summary(self) -> str:
         """Short human label: 'w4a4' when uniform over the quantized layers (apart from the
-        layers its space pins, as recorded in ``meta`` by ``ResolvedSpace.uniform``), else
-        'mixed'."""
+        pinned layers that ``BitConfig.uniform`` records in ``meta``), else 'mixed'."""
         pinned = set(self.meta.get("pinned") or ())
         labels = {b.label for n, b in self.quantized().items() if n not in pinned}
         if not labels:
