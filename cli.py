@@ -304,7 +304,8 @@ def _print_search(results: list[dict]) -> None:
 def frontier(
     space: str = typer.Option("lm-tiny", "--space", "-s", help=SPACE_HELP),
     budgets: str = typer.Option(..., "--budgets", help="comma-separated budget expressions,"
-                                " e.g. w3a3,w4a4,0.5*w8a8,w8a8"),
+                                " e.g. w3a3,w4a4,w6a6,w8a8 (each checked before any point"
+                                " runs)"),
     seeds: int = typer.Option(3, "--seeds", help="seeds 0..N-1 per budget and method"),
     methods: str = typer.Option("gumbel,uniform", "--methods",
                                 help="comma-separated: gumbel, uniform, optuna, random"),

@@ -127,6 +127,13 @@ def test_bad_budget_in_the_list_is_named(tmp_path):
     assert_one_line_error(proc, "w4a")
 
 
+def test_an_infeasible_budget_is_refused_before_any_point_runs(tmp_path):
+    proc = run_cli("frontier", "--space", DIGITS, "--budgets", "w4a4,0.0001", "--out",
+                   str(tmp_path))
+    assert_one_line_error(proc, "'0.0001'", "below the cheapest configuration")
+    assert not list(tmp_path.iterdir())                  # no study, no sweep directory
+
+
 def test_worker_for_an_unknown_study_lists_what_exists(tmp_path):
     fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], str(tmp_path / "s.journal"),
                         tmp_path, "exists", {})

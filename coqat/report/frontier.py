@@ -141,7 +141,7 @@ def create_or_resume(space_ref: str | Path, budgets: Sequence[str], seeds: Seque
     if not seeds:
         raise CoqatError("--seeds must be at least 1")
     space = load_space(space_ref)
-    _check_budgets(space, budgets)
+    _check_budgets(space, budgets, methods)
     study_name = name or f"frontier-{space.name}"
     sweep_dir = Path(out) / study_name
     url = storage_url or str(sweep_dir / "study.journal")
@@ -213,17 +213,26 @@ def _trial_key(t) -> str | None:
     return point_key(params) if {"budget", "seed", "method"} <= set(params) else None
 
 
-def _check_budgets(space: SearchSpace, budgets: Sequence[str]) -> None:
-    """Parse every budget now (one-line error on a bad one) on the space's model."""
+def _check_budgets(space: SearchSpace, budgets: Sequence[str], methods: Sequence[str]) -> None:
+    """Check every budget now, before any point runs: it parses, some configuration of the
+    space meets it and it leaves something to trade (the search's own rule), and a uniform
+    baseline, if asked for, exists under it. One-line error naming the budget otherwise."""
     from coqat.api import model_and_inputs
     from coqat.cost import CostModel, parse_budget
+    from coqat.search.baselines import uniform_at_budget
+    from coqat.search.problem import SearchProblem
 
     model, inputs, sp, _ = model_and_inputs(space=str(space.path) if space.path else None)
     cost = CostModel.from_model(model, inputs)
-    pinned = sp.resolve(list(cost.layers), cost.tie_groups).pinned
+    resolved = sp.resolve(list(cost.layers), cost.tie_groups)
+    problem = SearchProblem.build(resolved, cost, sp.train.quantizer)
     for b in budgets:
-        if b != "fp":
-            parse_budget(b, cost, pinned)
+        if b == "fp":
+            continue
+        bops = parse_budget(b, cost, resolved.pinned)
+        problem.check_budget(bops, b)
+        if "uniform" in methods:
+            uniform_at_budget(problem, resolved.uniform_candidates(), bops)
 
 
 def _higher_is_better(space: SearchSpace) -> bool:
