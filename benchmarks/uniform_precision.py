@@ -10,6 +10,7 @@ width never beats a higher one), and W8A8 is within 1% of FP.
 
     python benchmarks/uniform_precision.py                       # lm-tiny + fashion-resnet
     python benchmarks/uniform_precision.py --spaces lm-tiny --seeds 0,1,2 --workers 2
+    python benchmarks/uniform_precision.py --seeds 0,1,2 --space-seeds lm-tiny=0,1,2,3,4
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spaces", default="lm-tiny,fashion-resnet")
     ap.add_argument("--bits", default=",".join(BITS))
-    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--seeds", default="0", help="comma list, for every space")
+    ap.add_argument("--space-seeds", action="append", default=[], metavar="SPACE=LIST",
+                    help="seeds for one space instead of --seeds, e.g. lm-tiny=0,1,2,3,4")
     ap.add_argument("--steps", type=int, default=None, help="override each space's steps")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="auto")
@@ -43,10 +46,15 @@ def main() -> None:
     spaces = args.spaces.split(",")
     names = [load_space(sp).name for sp in spaces]   # a space may be given as a path
     bits = args.bits.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = {name: [int(s) for s in args.seeds.split(",")] for name in names}
+    for item in args.space_seeds:
+        name, _, values = item.partition("=")
+        if name not in seeds:
+            ap.error(f"--space-seeds {item!r}: {name!r} is not one of {', '.join(names)}")
+        seeds[name] = [int(s) for s in values.split(",")]
     jobs = [Job(f"{name}-{b}-s{seed}" + (f"-t{args.steps}" if args.steps else ""), sp,
                 {"bits": b, "seed": seed, "steps": args.steps, "device": args.device})
-            for sp, name in zip(spaces, names) for b in bits for seed in seeds]
+            for sp, name in zip(spaces, names) for b in bits for seed in seeds[name]]
     results = run_grid(jobs, args.out, workers=args.workers)
     report(results, names, bits, seeds, Path(args.report_dir))
 
@@ -126,7 +134,7 @@ def report(results, spaces, bits, seeds, out: Path) -> None:
                           "w8a8_within_1pct": within}
         name = rows[0]["metric_name"]
         lines += [f"## {space}", "",
-                  f"{rows[0]['steps']} steps, seeds {','.join(map(str, seeds))};"
+                  f"{rows[0]['steps']} steps, seeds {','.join(map(str, seeds[space]))};"
                   f" metric `{name}` ({'higher' if rows[0]['higher_is_better'] else 'lower'}"
                   " is better).", "",
                   f"| bits | GBOPs | % of FP32 | {name} | vs FP | wall (s) |",
