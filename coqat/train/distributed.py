@@ -8,6 +8,7 @@ alone writes the run directory. Without those variables everything is a no-op.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -49,6 +50,10 @@ class DistEnv:
         if self.enabled and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size)
+            # Tear the group down while the interpreter is still whole: a gloo group left to
+            # the C++ destructors at exit can abort the process (SIGABRT, "terminate called
+            # without an active exception") after all the work has succeeded.
+            atexit.register(self.shutdown)
 
     def barrier(self) -> None:
         if self.enabled and dist.is_initialized():
