@@ -27,6 +27,12 @@ def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
         raise CoqatError(
             f"cannot write to {p.parent} ({e.strerror}); choose a writable directory") from None
     try:
+        # mkstemp creates the file 0600; give it the mode a plain open() would (or keep the
+        # mode of the file it replaces), so reports stay readable by others.
+        if p.exists():
+            os.chmod(tmp, p.stat().st_mode & 0o7777)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -39,6 +45,12 @@ def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
             pass
         raise
     return p
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

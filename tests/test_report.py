@@ -46,6 +46,24 @@ def test_vs_uniform_compares_with_the_uniform_run_of_the_same_budget():
     # no uniform run at that budget: the best uniform at no more BOPs
     assert uniform_delta(rep, by["gumbel", "w6a6"]) == pytest.approx(0.20)
     assert uniform_delta(rep, by["uniform", "w4a4"]) is None
+    # the same config trained twice (w8a8 search = uniform w8a8) prints +0.0000, not -0.0000
+    same = group_points([pt("uniform", 300, 1.70, "w8a8"), pt("gumbel", 300, 1.70, "w8a8")])
+    d = uniform_delta(Report(None, [], [], same, []), [g for g in same if g.method == "gumbel"][0])
+    assert f"{d:+.4f}" == "+0.0000"
+
+
+def test_reports_are_written_with_the_umask_mode_not_0600(tmp_path):
+    import os
+    from coqat.util import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "report.html", "<html></html>")
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o644
+    f.chmod(0o600)  # replacing a file keeps its mode
+    assert atomic_write_text(f, "x").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.fixture(scope="module")

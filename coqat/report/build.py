@@ -70,7 +70,7 @@ def uniform_delta(report: Report, g: Group) -> float | None:
         return None
     best = (max if g.higher_is_better else min)(base, key=lambda u: u.metric_mean)
     d = g.metric_mean - best.metric_mean
-    return d if g.higher_is_better else -d
+    return (d if g.higher_is_better else -d) + 0.0  # + 0.0 turns -0.0 into 0.0 (prints "+0")
 
 
 def layer_table(point: Point) -> list[dict[str, Any]]:
