@@ -51,6 +51,40 @@ def test_points_are_enqueued_once_and_rerunning_the_command_adds_nothing(tmp_pat
     assert (sweep / "frontier.json").is_file()
 
 
+def _fake_point(space, point, options, run_dir):
+    rank = BUDGETS.index(point["budget"]) + 1
+    return {"bops": rank * 1000, "metric": 1.0 / rank + point["seed"] * 1e-3}
+
+
+def test_a_grid_extended_after_points_ran_runs_only_the_new_points(tmp_path):
+    """Regression: the point used to be suggest_categorical()'d over the grid, and Optuna
+    refuses a categorical whose choices change, so every point after an extension failed."""
+    kw = dict(storage_url=str(tmp_path / "s.journal"), out=tmp_path, name="grow", options={})
+    study, manifest, sweep = fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], **kw)
+    assert fr.work(study, manifest, sweep, run_point=_fake_point) == 1
+    study, manifest, sweep = fr.create_or_resume(DIGITS, ["w4a4", "w8a8"], [0, 1],
+                                                 ["uniform", "gumbel"], **kw)
+    assert fr.work(study, manifest, sweep, run_point=_fake_point) == 7
+    counts = _complete_counts(study)
+    assert set(counts) == {fr.point_key(p) for p in manifest.points()}
+    assert set(counts.values()) == {1}
+    done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert {(t.user_attrs["budget"], t.user_attrs["seed"], t.user_attrs["method"])
+            for t in done} == {(p["budget"], p["seed"], p["method"]) for p in manifest.points()}
+
+
+def test_a_worker_that_died_before_its_first_heartbeat_has_its_point_retried(tmp_path):
+    study, manifest, sweep = fr.create_or_resume(
+        DIGITS, ["w4a4"], [0], ["uniform"], str(tmp_path / "s.journal"), tmp_path, "early", {},
+        grace=0.5)
+    study.ask()                            # a worker took the point and died right away
+    assert fr.progress(study, manifest)["running"] == 1
+    time.sleep(0.6)
+    assert fr.fail_stale(study, manifest.grace) == ["0"]   # trial 0 failed, its point re-enqueued
+    assert fr.work(study, manifest, sweep, run_point=_fake_point) == 1
+    assert set(_complete_counts(study).values()) == {1}
+
+
 def test_a_study_made_with_another_space_is_refused(tmp_path):
     kw = dict(storage_url=str(tmp_path / "s.journal"), out=tmp_path, name="same", options={})
     fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], **kw)

@@ -285,15 +285,14 @@ class _Heartbeat:
 
 
 def fail_stale(study, grace: float) -> list[str]:
-    """Mark RUNNING trials with a heartbeat older than ``grace`` s as FAILED and enqueue
-    their points again. Returns the keys retried."""
+    """Mark RUNNING trials with a heartbeat (or, before the first beat, a start) older than
+    ``grace`` s as FAILED and enqueue their points again. Returns the keys retried."""
     from optuna.trial import TrialState
 
     now = time.time()
     retried = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = t.system_attrs.get(HEARTBEAT_ATTR)
-        if beat is None or now - float(beat) <= grace:
+        if now - _last_sign_of_life(t) <= grace:
             continue
         try:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -303,6 +302,14 @@ def fail_stale(study, grace: float) -> list[str]:
             "point": t.system_attrs.get(POINT_ATTR), "retry_of": t.number})
         retried.append(t.system_attrs.get(POINT_ATTR, str(t.number)))
     return retried
+
+
+def _last_sign_of_life(t) -> float:
+    """The trial's last heartbeat, or its start if it died before the first one."""
+    beat = t.system_attrs.get(HEARTBEAT_ATTR)
+    if beat is not None:
+        return float(beat)
+    return t.datetime_start.timestamp() if t.datetime_start is not None else time.time()
 
 
 def _params_of(trial) -> dict[str, Any]:
@@ -381,10 +388,12 @@ def work(study, manifest: Manifest, sweep_dir: Path, run_point: RunPoint | None 
             study.tell(trial, state=TrialState.PRUNED)
             continue
         point = {"budget": fixed["budget"], "seed": int(fixed["seed"]), "method": fixed["method"]}
-        # the full grid as choices: Optuna needs one value space per parameter
-        trial.suggest_categorical("budget", manifest.budgets)
-        trial.suggest_categorical("seed", manifest.seeds)
-        trial.suggest_categorical("method", manifest.methods)
+        # The point lives in the trial's fixed params (set by enqueue) and is shown as user
+        # attributes. It is deliberately not suggest_categorical()'d: Optuna fixes a
+        # categorical's choices per study, so extending the grid (a new seed or budget) would
+        # make every later trial fail with "does not support dynamic value space".
+        for k, v in point.items():
+            trial.set_user_attr(k, v)
         key = point_key(point)
         study._storage.set_trial_system_attr(trial._trial_id, POINT_ATTR, key)
         study._storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner)
@@ -420,8 +429,7 @@ def _held_elsewhere(study, key: str, number: int, grace: float) -> bool:
             continue
         if t.state == TrialState.COMPLETE:
             return True
-        beat = t.system_attrs.get(HEARTBEAT_ATTR)
-        if beat is not None and now - float(beat) <= grace:
+        if now - _last_sign_of_life(t) <= grace:
             return True
     return False
 
