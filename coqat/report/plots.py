@@ -95,9 +95,13 @@ def bits_heatmap(points: Sequence[Point], path: Path) -> Path | None:
     names = list(runs[0][1])
     grid = [[(l.get(n, {}).get("weight") or {}).get("bits", 16) for _, l in runs] for n in names]
     acts = [[(l.get(n, {}).get("input_act") or {}).get("bits", 16) for _, l in runs] for n in names]
-    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(runs) + 3), max(3, 0.22 * len(names) + 1.5)))
+    labels = [f"{p.method} {p.budget_expr or p.bits} s{p.seed}" for p, _ in runs]
+    label_h = 0.06 * max(len(t) for t in labels)      # inches under the grid for vertical labels
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(runs) + 3),
+                                    max(3, 0.22 * len(names) + 1.2 + label_h)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=2, vmax=16)
-    if len(names) * len(runs) <= 900:
+    with_text = len(names) * len(runs) <= 2500          # beyond that the cells are too small
+    if with_text:
         for i in range(len(names)):
             for j in range(len(runs)):
                 ax.text(j, i, f"{grid[i][j]}/{acts[i][j]}", ha="center", va="center",
@@ -105,9 +109,9 @@ def bits_heatmap(points: Sequence[Point], path: Path) -> Path | None:
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=6)
     ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([f"{p.method}\n{p.budget_expr or p.bits}\ns{p.seed}" for p, _ in runs],
-                       fontsize=6)
-    ax.set_title("bits per layer (colour: weight bits; text: w/a)")
+    ax.set_xticklabels(labels, fontsize=6, rotation=90)
+    ax.set_title("bits per layer, cheapest run left (colour: weight bits"
+                 + ("; text: weight/activation bits)" if with_text else ")"))
     fig.colorbar(im, ax=ax, fraction=0.03, label="weight bits")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
