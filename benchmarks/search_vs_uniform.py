@@ -326,15 +326,16 @@ def _methods_found(out: Path, budget: str) -> list[str]:
 def analyse(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     seeds = range(cfg["seeds"])
     fp = {s: _load(out, f"fp-s{s}") for s in seeds}
+    hib = [r["higher_is_better"] for r in fp.values() if r and "higher_is_better" in r]
     rows = []
     for budget in cfg["budgets"]:
         methods = _methods_found(out, budget)
         per = {m: {s: _load(out, job_key(m, budget, s)) for s in seeds} for m in methods}
-        uni = per["uniform"]
         for m in methods:
             res = {s: r for s, r in per[m].items() if r is not None}
             if not res:
                 continue
+            hib += [r["higher_is_better"] for r in res.values() if "higher_is_better" in r]
             rows.append({
                 "budget": budget, "method": m, "seeds": sorted(res),
                 "metric": _stats([r["metric"] for r in res.values()]),
@@ -350,12 +351,9 @@ def analyse(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                 "optuna_trials": [r["optuna"]["trials"] for r in res.values() if r.get("optuna")],
                 "per_seed": {s: r["metric"] for s, r in res.items() if r["metric"] is not None},
             })
-    found = [r for r in itertools.chain(fp.values(), *(
-        _load(out, job_key(m, b, s)) for b in cfg["budgets"] for m in METHODS
-        for s in seeds)) if r and "higher_is_better" in r]
     a = {"fp": _stats([r["metric"] for r in fp.values() if r]), "rows": rows,
          "fp_per_seed": {s: r["metric"] for s, r in fp.items() if r},
-         "higher_is_better": bool(found and found[0]["higher_is_better"])}
+         "higher_is_better": bool(hib and hib[0])}
     return derive_gaps(a)
 
 

@@ -209,7 +209,7 @@ def _trial_key(t) -> str | None:
     """The grid point a (frozen) trial holds, whatever its state."""
     if POINT_ATTR in t.system_attrs:
         return t.system_attrs[POINT_ATTR]
-    params = dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
+    params = _params_of(t)
     return point_key(params) if {"budget", "seed", "method"} <= set(params) else None
 
 
@@ -298,7 +298,7 @@ def fail_stale(study, grace: float) -> list[str]:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except Exception:   # another worker got there first
             continue
-        study.enqueue_trial(dict(t.params) or _params_of(t), user_attrs={
+        study.enqueue_trial(_params_of(t), user_attrs={
             "point": t.system_attrs.get(POINT_ATTR), "retry_of": t.number})
         retried.append(t.system_attrs.get(POINT_ATTR, str(t.number)))
     return retried
@@ -313,8 +313,9 @@ def _last_sign_of_life(t) -> float:
 
 
 def _params_of(trial) -> dict[str, Any]:
-    fixed = trial.system_attrs.get("fixed_params") or {}
-    return dict(fixed)
+    """The grid point a trial was given: its params (studies made before points stopped
+    being suggested) or else the fixed params that enqueue_trial stored."""
+    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params") or {})
 
 
 def progress(study, manifest: Manifest) -> dict[str, int]:
