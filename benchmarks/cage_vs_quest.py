@@ -11,7 +11,7 @@ sweep     QAT fraction 0.1 / 0.25 / 0.5 / 0.75 / 1.0 at W4A4 (QuEST, fused) next
           compute-optimal ``auto`` prediction f = exp(-6.7297 / ln S).
 lambda    CAGE-D / CAGE-C lambda and silence sweep at W4A4, to show what was tried.
 
-Every run goes through ``coqat.train.runner.prepare`` / ``execute``: the code path of
+Every run goes through ``coqat.training.runner.prepare`` / ``execute``: the code path of
 ``coqat train``. Run directories live under ``--out/<space>/<run key>/``; a finished run
 (final.json present) is skipped and an interrupted one is resumed, so the script can be
 called again after a timeout. Runs start in priority order (compare first); with
@@ -183,8 +183,8 @@ def execute_spec(spec: RunSpec, common: Common) -> dict[str, Any]:
 
     torch.set_num_threads(common.threads)
     from coqat.errors import CoqatError
-    from coqat.report.rundir import CHECKPOINT, CONFIG, FINAL, RunDir
-    from coqat.train import runner
+    from coqat.rundir import CHECKPOINT, CONFIG, FINAL, RunDir
+    from coqat.training import runner
 
     t0 = time.perf_counter()
     space = load_bench_space(common)
@@ -464,7 +464,7 @@ def machine_info(device: str) -> dict[str, Any]:
 def describe_setup(common: Common, workers: int) -> dict[str, Any]:
     """Budget, model size, optimizer settings and corpus of the benchmark's runs (built once:
     it constructs the model on the CPU)."""
-    from coqat.train import runner
+    from coqat.training import runner
 
     space = load_bench_space(common)
     prep = runner.prepare(space, runner.TrainOptions(bits="w4a4", device="cpu",
@@ -772,7 +772,7 @@ def make_plots(doc: dict[str, Any], report_dir: Path) -> dict[str, str]:
 HEADER = """# CAGE vs QuEST, cool-down fusion and the QAT fraction
 
 Made by `benchmarks/cage_vs_quest.py` (issue #4). Every run is an ordinary coqat training
-run (`coqat.train.runner.prepare` / `execute`, the code path of `coqat train`), one token
+run (`coqat.training.runner.prepare` / `execute`, the code path of `coqat train`), one token
 budget for all methods of a table. CAGE (Tabesh et al., arXiv 2510.18784) adds the error
 feedback `lambda_t (w - Q(w))` to QuEST's straight-through training; the QAT-fraction
 predictor and the cool-down fusion are from Dremov et al. (arXiv 2509.22935). Facts and the

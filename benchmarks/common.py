@@ -32,8 +32,8 @@ class Job:
 def _run_one(job: Job, out: str, threads: int) -> dict[str, Any]:
     import torch
 
-    from coqat.report.rundir import RunDir
-    from coqat.train import runner
+    from coqat.rundir import RunDir
+    from coqat.training import runner
 
     torch.set_num_threads(threads)
     run_path = Path(out) / job.key

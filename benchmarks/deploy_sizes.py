@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from coqat.config import load_space
-    from coqat.export.deploy import deploy
+    from coqat.exporters.deploy import deploy
 
     spaces = args.spaces.split(",")
     names = [load_space(sp).name for sp in spaces]

@@ -6,7 +6,7 @@ run        for each seed and budget: the FP reference (= the search's cached FP 
            ordinary ``coqat train --bits fp`` of the same steps), the uniform config at the
            largest BOPs not above the budget, a random config repaired into the budget, the
            Gumbel search, and Optuna given the Gumbel search's wall-clock. Every method ends
-           in the identical final QAT (``coqat.search.run_search``: runner.prepare +
+           in the identical final QAT (``coqat.bitsearch.run_search``: runner.prepare +
            execute, i.e. ``coqat train --bits <chosen config>``). The report gives the metric
            (mean, std over seeds), achieved/target BOPs, the share of the uniform -> FP gap
            each method closes (paired by seed), and the seed-to-seed spread of the chosen
@@ -74,13 +74,13 @@ SMOKE = {"space": str(ROOT / "tests" / "fixtures" / "lm-micro.toml"), "steps": 6
 # ------------------------------------------------------------------------------------------
 # jobs
 def job_key(method: str, budget: str, seed: int) -> str:
-    from coqat.search.pipeline import _slug
+    from coqat.bitsearch.pipeline import _slug
 
     return f"{method}-{_slug(budget)}-s{seed}"
 
 
 def _options(cfg: dict[str, Any], seed: int, out: Path):
-    from coqat.train.runner import TrainOptions
+    from coqat.training.runner import TrainOptions
 
     return TrainOptions(steps=cfg["steps"], batch_size=cfg["batch_size"], seed=seed,
                         device=cfg["device"], out=str(out / "runs"), progress=False)
@@ -120,7 +120,7 @@ def _layer_bits(run_dir: str) -> dict[str, str]:
 
 def _one_search(cfg, out: Path, method: str, budget: str, seed: int,
                 optuna_seconds: float | None = None) -> dict[str, Any]:
-    from coqat.search import run_search
+    from coqat.bitsearch import run_search
 
     t0 = time.perf_counter()
     run, res = run_search(cfg["space"], budget, method, _options(cfg, seed, out),
@@ -142,8 +142,8 @@ def run_job(kind: str, cfg: dict[str, Any], out: str, seed: int,
     which reuse its FP phase) or one independent baseline (uniform / random at a budget)."""
     import torch
 
-    from coqat.search import plan_search
-    from coqat.search.pipeline import load_or_train_fp
+    from coqat.bitsearch import plan_search
+    from coqat.bitsearch.pipeline import load_or_train_fp
 
     torch.set_num_threads(cfg["threads"])
     out_p = Path(out)
@@ -229,9 +229,9 @@ def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str
 
     from coqat.bitconfig import LayerBits
     from coqat.quant import quantize_model
-    from coqat.search import GumbelSearch, SearchProblem, SearchSettings, to_search_model
-    from coqat.train.loop import build_optimizer
-    from coqat.train.runner import TrainOptions, prepare
+    from coqat.bitsearch import GumbelSearch, SearchProblem, SearchSettings, to_search_model
+    from coqat.training.loop import build_optimizer
+    from coqat.training.runner import TrainOptions, prepare
     from common import machine_info
 
     torch.set_num_threads(threads)
@@ -316,7 +316,7 @@ def _hamming(configs: list[dict[str, str]]) -> float | None:
 
 def _methods_found(out: Path, budget: str) -> list[str]:
     """METHODS, then any tagged variants (gumbel-<tag>) that have results for ``budget``."""
-    from coqat.search.pipeline import _slug
+    from coqat.bitsearch.pipeline import _slug
 
     tail = f"-{_slug(budget)}-s"
     found = {p.name.split(tail)[0] for p in (out / "results").glob(f"*{tail}*.json")}

@@ -1,23 +1,70 @@
-"""High-level library functions behind the CLI commands (the CLI only parses and prints).
+"""The public Python API: everything the CLI does, as functions returning typed records.
 
-Everything here is also usable from Python::
+The ``coqat`` command line is a thin layer over these functions (it parses options, calls
+one of them and prints what it returns)::
 
-    from coqat.api import bops_report
-    rep = bops_report(space="lm-tiny", bits="w4a4")
+    import coqat
+
+    coqat.bops("lm-tiny", bits="w4a4").totals["gbops_bits"]
+    rec = coqat.train("lm-tiny", bits="w4a4", steps=100, seed=1)      # RunRecord
+    recs = coqat.search("lm-tiny", "w4a4", baselines=["uniform"])    # [RunRecord, ...]
+    rep = coqat.frontier("lm-tiny", ["w3a3", "w4a4"], seeds=2)       # Report
+    coqat.export(rec.run_dir, "onnx")                                # ExportResult
+    coqat.quantize_(model, coqat.BitConfig.load("bitconfig.json"))   # in place
+
+Options are the fields of ``TrainSettings`` (steps, lr, batch_size, optimizer, ...),
+``SearchSettings`` (fp_steps, search_steps, ...) and ``Runtime`` (seed, device, out,
+progress, ...), given as keyword arguments; None keeps the space's value.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from coqat.bitconfig import BitConfig, LayerBits
-from coqat.config import DEFAULT_SPACE, bits_from_cli, load_space
+from coqat.config import DEFAULT_SPACE, RunConfig, SearchSpace, bits_from_cli, load_space
 from coqat.cost import CostModel
 from coqat.errors import CoqatError
+from coqat.exporters import export_run
+from coqat.exporters.common import ExportResult
+from coqat.exporters.deploy import DeployReport
+from coqat.exporters.deploy import deploy as deploy_run
+from coqat.optim.planner import QatPlan
+from coqat.optim.planner import plan as make_plan
+from coqat.quant import quantize_model
+from coqat.records import RunRecord
+from coqat.reporting.build import Report, build_report, write_html
+from coqat.bitsearch import run_searches
+from coqat.sweep import frontier as sweep
+from coqat.training import runner
 from coqat.workloads import get_workload, load_object
+
+__all__ = ["BopsReport", "bops", "quantize_", "train", "resume", "search", "frontier",
+           "work_on", "export", "deploy", "report", "plan", "model_and_inputs",
+           "parse_shape"]
+
+
+# ----- compute -----------------------------------------------------------------------------------
+@dataclass
+class BopsReport:
+    """Per-layer MACs and BOPs of one model (``coqat bops``)."""
+
+    source: str                         # the space's name or the user model reference
+    bits: str | None                    # the bits the BOPs column is for (None: MACs only)
+    input_shapes: list[list[int]]
+    layers: list[dict[str, Any]]        # CostModel.rows: name, op, params, macs, bops, ...
+    totals: dict[str, float]
+    pinned: dict[str, str]
+    tie_groups: list[list[str]]
+    conventions: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -26,26 +73,33 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
-        raise CoqatError(f"--input-shape {text!r} is not a shape; write e.g. 1,3,224,224")
+        raise CoqatError(f"input shape {text!r} is not a shape; write e.g. 1,3,224,224")
     return shape
 
 
-def model_and_inputs(space: str | None = None, model: str | None = None,
-                     input_shape: str | None = None, data_dir: str | None = None):
-    """(model, example inputs, pinned bits, resolved space or None, label)."""
-    if space and model:
-        raise CoqatError("give either --space or --model, not both")
-    if model:
-        factory = load_object(model)
-        try:
-            m = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-        except Exception as e:
-            raise CoqatError(f"calling {model} failed: {type(e).__name__}: {e}") from None
+def model_and_inputs(space: str | Path | None = None, model: str | nn.Module | None = None,
+                     input_shape: str | Sequence[int] | None = None,
+                     data_dir: str | None = None):
+    """(model, example inputs, space or None, label) of a space's model or a user model."""
+    if space and model is not None:
+        raise CoqatError("give either a space or a model, not both")
+    if model is not None:
+        label = model if isinstance(model, str) else type(model).__name__
+        m = model
+        if isinstance(model, str):
+            factory = load_object(model)
+            try:
+                m = factory() if callable(factory) and not isinstance(factory, nn.Module) \
+                    else factory
+            except Exception as e:
+                raise CoqatError(f"calling {model} failed: {type(e).__name__}: {e}") from None
         if not isinstance(m, nn.Module):
-            raise CoqatError(f"{model} did not return a torch.nn.Module")
+            raise CoqatError(f"{label} did not return a torch.nn.Module")
         if not input_shape:
-            raise CoqatError("--model needs --input-shape (e.g. --input-shape 1,3,224,224)")
-        return m, (torch.randn(parse_shape(input_shape)),), None, model
+            raise CoqatError("a user model needs an input shape (e.g. 1,3,224,224)")
+        shape = parse_shape(input_shape) if isinstance(input_shape, str) else \
+            tuple(int(d) for d in input_shape)
+        return m, (torch.randn(shape),), None, label
     sp = load_space(space or DEFAULT_SPACE)
     wl = get_workload(sp.workload_name, {k: v for k, v in sp.workload.items() if k != "name"},
                       data_dir=data_dir)
@@ -53,16 +107,15 @@ def model_and_inputs(space: str | None = None, model: str | None = None,
     return wl.build_model(), wl.example_inputs(), sp, sp.name
 
 
-def bops_report(space: str | None = None, model: str | None = None,
-                input_shape: str | None = None, bits: str | None = None,
-                data_dir: str | None = None) -> dict[str, Any]:
-    """Per-layer MACs / BOPs for a space's model or a user model, as a JSON-able dict."""
+def bops(space: str | Path | None = None, model: str | nn.Module | None = None,
+         input_shape: str | Sequence[int] | None = None, bits: str | None = None,
+         data_dir: str | None = None) -> BopsReport:
+    """Per-layer MACs / BOPs for a space's model or a user model (``coqat bops``)."""
     m, inputs, sp, label = model_and_inputs(space, model, input_shape, data_dir)
     cost = CostModel.from_model(m, inputs)
     pinned: dict[str, LayerBits] = {}
     if sp is not None:
-        resolved = sp.resolve(list(cost.layers), cost.tie_groups)
-        pinned = resolved.pinned
+        pinned = sp.resolve(list(cost.layers), cost.tie_groups).pinned
     cfg: BitConfig | None = None
     if bits:
         lb = bits_from_cli(bits, "quest")
@@ -76,74 +129,112 @@ def bops_report(space: str | None = None, model: str | None = None,
     }
     if cfg is not None:
         totals["gbops_bits"] = cost.bops(cfg) / 1e9
-    return {
-        "source": label,
-        "bits": bits,
-        "input_shapes": cost.input_shapes,
-        "layers": cost.rows(cfg),
-        "totals": totals,
-        "pinned": {k: v.label for k, v in pinned.items()},
-        "tie_groups": [list(g) for g in cost.tie_groups],
-        "conventions": cost.summary(None),
-    }
+    return BopsReport(source=label, bits=bits, input_shapes=cost.input_shapes,
+                      layers=cost.rows(cfg), totals=totals,
+                      pinned={k: v.label for k, v in pinned.items()},
+                      tie_groups=[list(g) for g in cost.tie_groups],
+                      conventions=cost.summary(None))
 
 
-DEMO_STEPS = 200   # per phase: FP phase, final QAT (the search runs half of it)
+def quantize_(model: nn.Module, config: BitConfig | str | Path,
+              kernels: str = "reference") -> nn.Module:
+    """Quantize ``model`` in place by module name (a BitConfig or a bitconfig.json path);
+    the returned model is the same object, its Linear/Conv2d layers now quantized."""
+    cfg = config if isinstance(config, BitConfig) else BitConfig.load(config)
+    return quantize_model(model, cfg, kernels=kernels)
 
 
-def run_demo(console, out: str = "runs", steps: int | None = None,
-             budget: str = "w4a4") -> dict[str, Any]:
-    """The embedded default end to end on the CPU: count BOPs; search per-layer bits for a
-    BOPs budget (FP phase, Gumbel search, final QAT); train uniform precision at equal BOPs
-    with the identical final QAT; compare against the FP phase; write the HTML report and
-    the JSON export of the searched configuration."""
-    import time
-    from pathlib import Path
+# ----- training and search ------------------------------------------------------------------------
+def _config(space: str | Path | SearchSpace | RunConfig, options: dict[str, Any]) -> RunConfig:
+    if isinstance(space, RunConfig):
+        if options:
+            raise CoqatError("give options either in the RunConfig or as keywords, not both")
+        return space
+    return RunConfig.from_options(space, **options)
 
-    from rich.table import Table
 
-    from coqat.cost import format_bops
-    from coqat.export import export_run
-    from coqat.report.build import build_report, write_html
-    from coqat.search import run_search
-    from coqat.train.runner import TrainOptions
+def train(space: str | Path | SearchSpace | RunConfig = DEFAULT_SPACE, bits: Any = "fp",
+          **options: Any) -> RunRecord:
+    """Train full precision (``bits="fp"``), uniform (``"w4a4"``) or a given configuration
+    (a BitConfig or a bitconfig.json path); writes a run directory (``coqat train``)."""
+    _, rec = runner.run_train(_config(space, options), bits)
+    return rec
 
-    steps = steps or DEMO_STEPS
-    root = Path(out) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    console.rule("[bold]coqat demo[/bold]: lm-tiny on the CPU")
-    rep = bops_report(space=DEFAULT_SPACE)
-    t = rep["totals"]
-    console.print(f"model: {len(rep['layers'])} quantizable layers + attention,"
-                  f" {t['gmacs'] * 1e3:.1f} MMACs per sequence; FP32 {t['gbops_fp32']:.1f},"
-                  f" W8A8 {t['gbops_w8a8']:.2f}, W4A4 {t['gbops_w4a4']:.2f} GBOPs")
-    opts = TrainOptions(steps=steps, out=str(root))
-    overrides = {"fp_steps": steps, "search_steps": max(1, steps // 2)}
-    results = {}
-    for method in ("gumbel", "uniform"):
-        console.print(f"[bold]{method}[/bold] at budget {budget} ...")
-        run, res = run_search(DEFAULT_SPACE, budget, method, opts, overrides=overrides,
-                              say=lambda msg: console.print(f"  [dim]{msg}[/dim]"))
-        results[method] = {**res, "run_dir": str(run.path)}
-    g = results["gumbel"]
-    fp_metric = (g.get("fp_phase") or {}).get("metric")
-    table = Table(title=f"lm-tiny at the {budget} budget: validation loss vs compute"
-                        f" ({steps} steps per phase)", title_justify="left")
-    for col in ("config", "val loss (nats/byte)", "GBOPs", "x budget", "% of FP32"):
-        table.add_column(col, justify="left" if col == "config" else "right")
-    fp32 = g["fp32_bops"]
-    if fp_metric is not None:
-        table.add_row("FP (the search's FP phase)", f"{fp_metric:.4f}", format_bops(fp32),
-                      "", "100.00")
-    for method, r in results.items():
-        name = "searched, mixed" if method == "gumbel" else f"uniform {r.get('uniform', '')}"
-        table.add_row(name, f"{r['metric']:.4f}", format_bops(r["achieved_bops"]),
-                      f"{r['achieved_over_budget']:.4f}",
-                      f"{100 * r['achieved_bops'] / fp32:.2f}")
-    console.print(table)
-    report = write_html(build_report(root))
-    exported = export_run(g["run_dir"], "json", None)
-    console.print(f"report: [bold]{report['html']}[/bold]  (coqat report {root})")
-    console.print(f"per-layer config: [bold]{exported.out_dir}[/bold]  (schema"
-                  f" coqat.bitconfig/v1; coqat export {g['run_dir']} --format onnx for ONNX)")
-    console.print("next: coqat frontier --space lm-tiny --budgets w3a3,w4a4,w6a6,w8a8 --seeds 2")
-    return results
+
+def resume(run_dir: str | Path, progress: bool = True) -> RunRecord:
+    """Continue an interrupted run where it stopped, bit for bit (``coqat train --resume``)."""
+    _, rec = runner.resume(run_dir, progress=progress)
+    return rec
+
+
+def search(space: str | Path | SearchSpace | RunConfig, budget: str, method: str = "gumbel",
+           baselines: Sequence[str] = (), target: str | None = None, final_qat: bool = True,
+           say: Callable[[str], None] | None = None, **options: Any) -> list[RunRecord]:
+    """Search per-layer bits under ``budget`` with ``method``, then QAT-train and evaluate
+    the result; each of ``baselines`` runs at the same budget with the identical final QAT
+    (``coqat search``). Returns the method's record first, then the baselines'."""
+    return run_searches(_config(space, options), budget, [method, *baselines], target=target,
+                        final_qat=final_qat, say=say)
+
+
+def frontier(space: str | Path | SearchSpace, budgets: Sequence[str], seeds: int = 3,
+             methods: Sequence[str] = ("gumbel", "uniform"), storage: str | None = None,
+             workers: int = 1, name: str | None = None, out: str | Path = "runs",
+             steps_scale: float = 1.0, target: str | None = None, device: str = "auto",
+             run: bool = True, on_progress: Callable[[dict[str, int], float], None] | None = None,
+             **train_options: Any) -> Report:
+    """The accuracy-vs-compute frontier: one search per budget x seed x method, as a shared
+    Optuna study (``coqat frontier``). Rerunning resumes; new budgets/seeds extend it.
+    ``train_options`` override the final QAT's settings (e.g. optimizer="cage-d")."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise CoqatError(f"seeds must be an integer >= 1 (got {seeds!r})")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise CoqatError(f"workers must be an integer >= 1 (got {workers!r})")
+    study, manifest, sweep_dir = sweep.create_or_resume(
+        space, budgets, list(range(seeds)), methods, storage, out, name,
+        steps_scale=steps_scale, train=train_options, device=device, target=target)
+    if run and sweep.progress(study, manifest)["complete"] < len(manifest.points()):
+        if workers <= 1:
+            sweep.work(study, manifest, sweep_dir)
+        else:
+            sweep.run_workers(manifest, sweep_dir, workers, on_progress)
+    return build_report(sweep_dir)
+
+
+def work_on(storage: str, study: str, out: str | Path = "runs",
+            max_points: int | None = None) -> int:
+    """Join a frontier sweep from another process or machine (``coqat worker``); returns
+    the number of points this worker ran."""
+    st, manifest = sweep.load_study(storage, study)
+    return sweep.work(st, manifest, Path(out) / manifest.study, max_points=max_points)
+
+
+# ----- results ---------------------------------------------------------------------------------------
+def report(path: str | Path, out: str | Path | None = None, html: bool = True
+           ) -> tuple[Report, dict[str, Path]]:
+    """Summary, frontier, per-layer bits and search trace of a run, a sweep or a folder of
+    runs; with ``html`` also report.html and PNGs (``coqat report``)."""
+    rep = build_report(path)
+    return rep, (write_html(rep, out) if html else {})
+
+
+def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None,
+           approx: bool = False) -> ExportResult:
+    """Export a finished run to onnx | compressed-tensors | torchao | json (``coqat export``)."""
+    return export_run(run_dir, format, out, approx=approx)
+
+
+def deploy(run_dir: str | Path, format: str = "packed", out: str | Path | None = None,
+           max_batches: int | None = None,
+           progress: Callable[[str], None] | None = None) -> DeployReport:
+    """Pack the codes, evaluate the packed model, compare its size with FP32 (``coqat
+    deploy``)."""
+    return deploy_run(run_dir, format, out, max_batches, progress=progress)
+
+
+def plan(params: float, tokens: float, bits: float) -> QatPlan:
+    """The compute-optimal split of a token budget between FP training and QAT."""
+    if min(params, tokens, bits) <= 0:
+        raise CoqatError("params, tokens and bits must be positive numbers")
+    return make_plan(tokens, params, bits)
+

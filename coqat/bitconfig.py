@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from coqat.errors import CoqatError
+from coqat.util import atomic_write_text, read_json
 
 SCHEMA_ID = "coqat.bitconfig/v1"
 QUANT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
@@ -39,6 +40,36 @@ def check_bits(bits: int, what: str = "bits") -> int:
             f"{what} = {bits!r} is not supported; use one of {allowed} (16 = not quantized)"
         )
     return bits
+
+
+def hadamard_block_for(dim: int, max_block: int = 128) -> int:
+    """The Hadamard block used for a reduction dim of size ``dim``.
+
+    The largest power of two that is <= ``max_block`` and divides ``dim``: 128 for
+    ``dim = 384``, 32 for ``dim = 96``, 1 (no rotation) for odd ``dim``. ``max_block`` 0
+    or 1 means "no rotation" and gives 1.
+    """
+    dim, max_block = int(dim), int(max_block)
+    if dim < 1:
+        raise CoqatError(f"hadamard_block_for: dim = {dim} must be >= 1")
+    if max_block < 0:
+        raise CoqatError(f"hadamard_block_for: max_block = {max_block} must be >= 0 (0 = no rotation)")
+    block = 1
+    while block * 2 <= max_block and dim % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+@dataclass(frozen=True)
+class LayerCostRow:
+    """What ``bitconfig.json`` records about one layer's cost (written from the CostModel)."""
+
+    op: str
+    weight_shape: tuple[int, ...]
+    params: int
+    macs: int
+    bops: int
+    hadamard_block: int
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,12 @@ class BitConfig:
     layers: dict[str, LayerBits]
     tie_groups: list[tuple[str, ...]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: read from a document (None for a config built in memory): the per-layer cost rows,
+    #: the cost summary, the model section and the qparams file it points to
+    costs: dict[str, LayerCostRow] | None = None
+    cost_summary: dict[str, Any] | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    qparams: str | None = None
 
     # ----- construction -------------------------------------------------------------
     @classmethod
@@ -154,8 +191,6 @@ class BitConfig:
         ``cost`` is a ``coqat.cost.CostModel``; with it every layer gets op, shape, params,
         MACs, BOPs and the Hadamard block used, and the document gets totals.
         """
-        from coqat.quant.hadamard import hadamard_block_for  # pure helper, no training deps
-
         default_q = _most_common([b.quantizer for b in self.layers.values()]) or "quest"
         layers: dict[str, Any] = {}
         for name, b in self.layers.items():
@@ -181,13 +216,13 @@ class BitConfig:
             layers[name] = entry
         doc: dict[str, Any] = {
             "schema": SCHEMA_ID,
-            "model": dict(model_info or {}),
+            "model": dict(model_info or self.model_info),
             "defaults": {"quantizer": default_q,
                          "weight": {"granularity": "channel", "axis": 0, "symmetric": True},
                          "input_act": {"granularity": "token", "dynamic": True}},
             "tie_groups": [list(g) for g in self.tie_groups],
             "layers": layers,
-            "qparams": None,
+            "qparams": self.qparams,
             "meta": _jsonable(self.meta),
         }
         if cost is not None:
@@ -201,8 +236,6 @@ class BitConfig:
     def save(self, path: str | os.PathLike, cost: Any = None,
              model_info: Mapping[str, Any] | None = None) -> Path:
         """Write the v1 document atomically (temp file, then rename)."""
-        from coqat.util import atomic_write_text
-
         doc = self.to_dict(cost, model_info)
         validate_document(doc, source=str(path))
         return atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
@@ -220,17 +253,21 @@ class BitConfig:
                 e.get("quantizer") or doc.get("defaults", {}).get("quantizer", "quest"),
             )
         ties = [tuple(g) for g in doc.get("tie_groups", [])]
-        return cls(layers, ties, dict(doc.get("meta") or {}))
+        costs = {name: LayerCostRow(e["op"], tuple(e.get("weight_shape") or ()),
+                                    int(e.get("params", 0)), int(e["macs"]), int(e["bops"]),
+                                    int(e.get("hadamard_block", 0)))
+                 for name, e in doc["layers"].items() if "macs" in e and "bops" in e}
+        return cls(layers, ties, dict(doc.get("meta") or {}),
+                   costs=costs if len(costs) == len(layers) else None,
+                   cost_summary=dict(doc["cost"]) if isinstance(doc.get("cost"), Mapping)
+                   else None,
+                   model_info=dict(doc.get("model") or {}), qparams=doc.get("qparams"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BitConfig":
         p = Path(path)
-        if not p.is_file():
-            raise CoqatError(f"bitconfig file {p} does not exist; pass the bitconfig.json of a run")
-        try:
-            doc = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CoqatError(f"{p} is not valid JSON ({e}); regenerate it with coqat") from None
+        doc = read_json(p, "a bitconfig", "pass the bitconfig.json of a run (or regenerate it"
+                        " with coqat)")
         return cls.from_dict(doc, source=str(p))
 
 

@@ -32,6 +32,8 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,10 @@ from coqat.errors import CoqatError
 
 #: the space used by ``coqat demo`` and by commands given no --space
 DEFAULT_SPACE = "lm-tiny"
+#: matmul backends of quantized layers (``TrainSettings.kernels``)
+KERNEL_CHOICES: tuple[str, ...] = ("auto", "triton", "reference")
+#: optimizers of the training loop (``TrainSettings.optimizer``)
+OPTIMIZERS: tuple[str, ...] = ("adamw", "cage-d", "cage-c")
 
 
 @dataclass
@@ -85,36 +91,37 @@ class TrainSettings:
 
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size",
                      "log_every", "checkpoint_every"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                 f"{name} must be a positive integer (got {v!r})")
-        need(isinstance(self.final_eval_batches, int) and self.final_eval_batches >= 0,
+            need(_is_int(getattr(self, name), lo=1),
+                 f"{name} must be a positive integer (got {getattr(self, name)!r})")
+        need(_is_int(self.final_eval_batches, lo=0),
              f"final_eval_batches must be an integer >= 0, 0 = the whole split (got"
              f" {self.final_eval_batches!r})")
-        need(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps,
+        need(_is_int(self.warmup_steps, lo=0) and self.warmup_steps < self.steps,
              f"warmup_steps must be an integer in [0, steps) (got {self.warmup_steps!r})")
-        need(self.lr > 0, f"lr must be > 0 (got {self.lr})")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
-        need(0 <= self.decay_frac <= 1, "decay_frac must be in [0, 1]")
-        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        need(self.weight_decay >= 0 and self.grad_clip >= 0,
-             "weight_decay and grad_clip must be >= 0")
+        need(_is_number(self.lr) and self.lr > 0, f"lr must be a finite number > 0 (got"
+                                                  f" {self.lr!r})")
+        for name, lo, hi, hi_open in (("min_lr_ratio", 0, 1, False), ("decay_frac", 0, 1, False),
+                                      ("beta1", 0, 1, True), ("beta2", 0, 1, True),
+                                      ("cage_silence", 0, 1, True)):
+            v = getattr(self, name)
+            need(_is_number(v) and lo <= v and (v < hi if hi_open else v <= hi),
+                 f"{name} must be a number in [{lo}, {hi}{')' if hi_open else ']'} (got {v!r})")
+        for name in ("weight_decay", "grad_clip", "cage_lambda"):
+            v = getattr(self, name)
+            need(_is_number(v) and v >= 0, f"{name} must be a finite number >= 0 (got {v!r})")
         need(self.quantizer in QUANTIZERS,
              f"quantizer must be one of {', '.join(QUANTIZERS)} (got {self.quantizer!r})")
-        if isinstance(self.qat_fraction, str):
-            need(self.qat_fraction == "auto",
-                 f"qat_fraction must be 'auto' or a number in [0, 1] (got {self.qat_fraction!r})")
-        else:
-            need(0 <= float(self.qat_fraction) <= 1,
-                 f"qat_fraction must be 'auto' or a number in [0, 1] (got {self.qat_fraction!r})")
-        need(self.optimizer in ("adamw", "cage-d", "cage-c"),
-             f"optimizer must be adamw, cage-d or cage-c (got {self.optimizer!r})")
-        need(self.cage_lambda >= 0, "cage_lambda must be >= 0")
-        need(0 <= self.cage_silence < 1, "cage_silence must be in [0, 1)")
+        need(self.qat_fraction == "auto" or (_is_number(self.qat_fraction)
+                                             and 0 <= self.qat_fraction <= 1),
+             f"qat_fraction must be 'auto' or a number in [0, 1] (got {self.qat_fraction!r})")
+        need(self.fuse_cooldown is None or isinstance(self.fuse_cooldown, bool),
+             f"fuse_cooldown must be true or false (got {self.fuse_cooldown!r})")
+        need(self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         need(self.cage_schedule in ("linear", "constant"),
-             "cage_schedule must be 'linear' or 'constant'")
-        need(self.kernels in ("auto", "triton", "reference"),
-             f"kernels must be auto, triton or reference (got {self.kernels!r})")
+             f"cage_schedule must be 'linear' or 'constant' (got {self.cage_schedule!r})")
+        need(self.kernels in KERNEL_CHOICES,
+             f"kernels must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
         return self
 
     def replace(self, **changes: Any) -> "TrainSettings":
@@ -125,6 +132,16 @@ class TrainSettings:
         if "warmup_steps" not in changes and self.warmup_steps >= steps:
             changes["warmup_steps"] = steps // 10
         return dataclasses.replace(self, **changes).validate("options")
+
+
+def _is_int(v: Any, lo: int, hi: int = 2**62) -> bool:
+    """An int (not a bool) in [lo, hi]: TOML and JSON give bools and huge ints too."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float (not a bool): rules out nan, inf and strings."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -238,6 +255,123 @@ def _merge_groups(groups: list[tuple[str, ...]], order: Sequence[str]) -> list[t
     return sorted(out, key=lambda g: pos.get(g[0], 1 << 30))
 
 
+# ----- search settings ------------------------------------------------------------------
+RELAX_MODES = ("soft", "hard")
+INIT_MODES = ("budget", "uniform")
+
+
+@dataclass
+class SearchSettings:
+    """Search settings: the keys of a space's ``[search]`` table that drive the search engine.
+
+    Example (every key optional; the values shown are the defaults)::
+
+        [search]
+        fp_steps = 400            # FP phase (cached per space+seed+settings); default: [train] steps
+        search_steps = 200        # weight steps of the search phase; default: half of [train] steps
+        weight_lr_scale = 0.1     # weight LR during the search, as a share of [train] lr (constant)
+        arch_lr = 0.1             # SGD learning rate of the logits (on normalised gradients)
+        arch_momentum = 0.0       # SGD momentum of the logits
+        arch_every = 2            # one architecture step (on the holdout split) every N weight steps
+        arch_batch_size = 8       # holdout batch of an arch step; default: half the [train] batch
+                                  # (keeps a search step <= 1.5 x a QAT step, see benchmarks/)
+        relax = "soft"            # "soft" Gumbel-softmax mixing, or "hard" (straight-through)
+        tau_start = 1.0           # Gumbel-softmax temperature, annealed exponentially ...
+        tau_end = 0.1             # ... from tau_start at the first to tau_end at the last arch step
+        eta_mu = 0.2              # dual ascent rate of the Lagrange multiplier mu
+        mu_init = 0.0             # starting mu
+        init = "budget"           # start logits with E[BOPs] = budget ("uniform": all zero)
+        fill = 0.97               # repair: use at least this share of the budget's searchable part
+        trace_every = 5           # per-decision probabilities in the trace every N arch steps
+        proxy_batches = 2         # Optuna/random proxy: holdout batches per evaluated config
+        optuna_trials = 0         # cap on Optuna trials (0: no cap, only the time limit)
+        optuna_seconds = 0.0      # Optuna's wall-clock (0: the Gumbel search's, measured)
+
+    Why these choices: see ``coqat.bitsearch.gumbel`` (SGD for the logits so that mu's scale reaches
+    the bits; a normalised constraint so that eta_mu means the same on every model).
+    """
+
+    fp_steps: int | None = None
+    search_steps: int | None = None
+    weight_lr_scale: float = 0.1
+    arch_lr: float = 0.1
+    arch_momentum: float = 0.0
+    arch_every: int = 2
+    arch_batch_size: int | None = None
+    relax: str = "soft"
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    eta_mu: float = 0.2
+    mu_init: float = 0.0
+    init: str = "budget"
+    fill: float = 0.97
+    trace_every: int = 5
+    proxy_batches: int = 2
+    optuna_trials: int = 0
+    optuna_seconds: float = 0.0
+
+    def validate(self, where: str = "[search]") -> "SearchSettings":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise CoqatError(f"{where}: {msg}")
+
+        for name in ("fp_steps", "search_steps", "arch_batch_size"):
+            v = getattr(self, name)
+            need(v is None or _is_int(v, lo=1), f"{name} must be a positive integer (got {v!r})")
+        for name in ("arch_every", "trace_every", "proxy_batches"):
+            v = getattr(self, name)
+            need(_is_int(v, lo=1), f"{name} must be a positive integer (got {v!r})")
+        need(_is_int(self.optuna_trials, lo=0),
+             f"optuna_trials must be a non-negative integer (got {self.optuna_trials!r})")
+        for name in ("weight_lr_scale", "arch_lr", "tau_start", "tau_end", "eta_mu"):
+            v = getattr(self, name)
+            need(_is_number(v) and v > 0, f"{name} must be a finite number > 0 (got {v!r})")
+        need(_is_number(self.arch_momentum) and 0 <= self.arch_momentum < 1,
+             f"arch_momentum must be in [0, 1) (got {self.arch_momentum!r})")
+        need(_is_number(self.mu_init) and self.mu_init >= 0,
+             f"mu_init must be a finite number >= 0 (got {self.mu_init!r})")
+        need(_is_number(self.fill) and 0 <= self.fill <= 1,
+             f"fill must be in [0, 1] (got {self.fill!r})")
+        need(_is_number(self.optuna_seconds) and self.optuna_seconds >= 0,
+             f"optuna_seconds must be a finite number >= 0 (got {self.optuna_seconds!r})")
+        need(self.relax in RELAX_MODES,
+             f"relax must be {' or '.join(RELAX_MODES)} (got {self.relax!r})")
+        need(self.tau_end <= self.tau_start, "tau_end must not exceed tau_start")
+        need(self.init in INIT_MODES,
+             f"init must be {' or '.join(INIT_MODES)} (got {self.init!r})")
+        return self
+
+    def replace(self, **changes: Any) -> "SearchSettings":
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes).validate("options")
+
+    def resolved_arch_batch(self, train_batch: int) -> int:
+        """The holdout batch of an architecture step (default: half the train batch)."""
+        return self.arch_batch_size or max(1, train_batch // 2)
+
+    def resolved_steps(self, train_steps: int) -> tuple[int, int]:
+        """(fp_steps, search_steps) with the defaults filled in from [train] steps."""
+        fp = self.fp_steps if self.fp_steps is not None else train_steps
+        search = self.search_steps if self.search_steps is not None else max(1, train_steps // 2)
+        return fp, search
+
+
+def parse_search_settings(space: SearchSpace | Mapping[str, Any]) -> SearchSettings:
+    """The search settings of a space (its leftover ``[search]`` keys), validated."""
+    table = space.search if isinstance(space, SearchSpace) else dict(space)
+    where = f"{space.path or space.name} [search]" if isinstance(space, SearchSpace) else \
+        "[search]"
+    fields = {f.name for f in dataclasses.fields(SearchSettings)}
+    unknown = sorted(set(table) - fields)
+    if unknown:
+        raise CoqatError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: layers,"
+                         f" pinned, ties, {', '.join(sorted(fields))}")
+    try:
+        return SearchSettings(**table).validate(where)
+    except TypeError as e:  # pragma: no cover - unknown keys are caught above
+        raise CoqatError(f"{where}: {e}") from None
+
+
 # ----- loading ------------------------------------------------------------------------
 _TOP_KEYS = {"name", "description", "workload", "train", "search"}
 _SEARCH_KEYS = {"layers", "pinned", "ties"}
@@ -334,6 +468,177 @@ def _parse_rule(r: Any, where: str) -> LayerRule:
     return LayerRule(str(r["pattern"]), bits_list("w_bits"), bits_list("a_bits"))
 
 
+# ----- one run's configuration ------------------------------------------------------------
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class Runtime:
+    """Where a run executes and where it writes. None of it changes the run's numbers
+    except ``seed`` (model init, data order, search sampling)."""
+
+    seed: int = 0
+    device: str = "auto"            # auto (CUDA if present) | cpu | cuda | cuda:N
+    data_dir: str | None = None     # another copy of a dataset (Fashion-MNIST)
+    out: str = "runs"               # root of run directories
+    name: str | None = None         # run name (default: derived from space, bits, seed)
+    progress: bool = True           # progress bars and one-line phase notes
+
+    def validate(self, where: str = "runtime") -> "Runtime":
+        if not _is_int(self.seed, lo=0, hi=MAX_SEED):
+            raise CoqatError(f"{where}: seed must be an integer in [0, {MAX_SEED}] (got"
+                             f" {self.seed!r})")
+        if not (isinstance(self.device, str) and _DEVICE_RE.match(self.device)):
+            raise CoqatError(f"{where}: device must be auto, cpu, cuda or cuda:N (got"
+                             f" {self.device!r})")
+        for name in ("data_dir", "name"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise CoqatError(f"{where}: {name} must be a non-empty string (got {v!r})")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise CoqatError(f"{where}: out must be a directory path (got {self.out!r})")
+        if self.name is not None and ("/" in self.name or self.name in (".", "..")):
+            raise CoqatError(f"{where}: name {self.name!r} must be a plain name, not a path;"
+                             " use out for the directory")
+        return self
+
+
+@dataclass
+class RunConfig:
+    """One run's configuration, parsed and validated once: the search space, its training
+    and search settings with the caller's overrides applied, and the runtime.
+
+    Every entry point builds one (the CLI from its options, the Python API from keyword
+    arguments, a resumed run from its ``config.json``), and nothing downstream re-reads
+    options from anywhere else::
+
+        cfg = RunConfig.build("lm-tiny", train={"steps": 100, "optimizer": "cage-d"},
+                              search={"search_steps": 50}, runtime=Runtime(seed=1))
+    """
+
+    space: SearchSpace
+    train: TrainSettings
+    search: SearchSettings
+    runtime: Runtime
+
+    @classmethod
+    def build(cls, space: "str | Path | SearchSpace", train: Mapping[str, Any] | None = None,
+              search: Mapping[str, Any] | None = None,
+              runtime: "Runtime | Mapping[str, Any] | None" = None) -> "RunConfig":
+        """The space's settings with ``train`` / ``search`` overrides (None values = keep
+        the space's); every value is validated here."""
+        sp = space if isinstance(space, SearchSpace) else load_space(space)
+        t = _replace_checked(sp.train, train, "train")
+        s = _replace_checked(parse_search_settings(sp), search, "search")
+        if isinstance(runtime, Runtime):
+            rt = dataclasses.replace(runtime)
+        else:
+            rt = _construct_checked(Runtime, runtime or {}, "runtime")
+        return cls(sp, t, s, rt.validate())
+
+    @classmethod
+    def from_options(cls, space: "str | Path | SearchSpace", **options: Any) -> "RunConfig":
+        """Flat keyword options routed by name to the train, search and runtime parts (their
+        field names are disjoint): ``RunConfig.from_options("lm-tiny", steps=100, seed=1,
+        search_steps=50)``. None values keep the space's setting."""
+        parts: dict[str, dict[str, Any]] = {"train": {}, "search": {}, "runtime": {}}
+        owners = {f.name: part for part, kind in (("train", TrainSettings),
+                                                  ("search", SearchSettings),
+                                                  ("runtime", Runtime))
+                  for f in dataclasses.fields(kind)}
+        unknown = sorted(k for k in options if k not in owners)
+        if unknown:
+            raise CoqatError(f"unknown option(s) {', '.join(unknown)}; options are the fields"
+                             " of TrainSettings, SearchSettings and Runtime")
+        for k, v in options.items():
+            if v is not None:
+                parts[owners[k]][k] = v
+        return cls.build(space, **parts)
+
+    def with_train(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, train=_replace_checked(self.train, changes, "train"))
+
+    def with_search(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, search=_replace_checked(self.search, changes, "search"))
+
+    def with_runtime(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime,
+                                                                     **changes).validate())
+
+    def fp_phase(self, steps: int) -> "RunConfig":
+        """The configuration of a search's FP phase: the space's training settings with
+        ``steps`` and this run's lr and batch size. Options that only act on quantized
+        training (quantizer, QAT fraction, optimizer, kernels) stay at the space's values,
+        so every search of one space and seed shares one cached FP phase."""
+        t = self.space.train.replace(steps=steps, lr=self.train.lr,
+                                     batch_size=self.train.batch_size)
+        return dataclasses.replace(self, train=t)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``settings`` / ``search_settings`` / ``runtime`` sections of ``config.json``."""
+        return {"settings": dataclasses.asdict(self.train),
+                "search_settings": dataclasses.asdict(self.search),
+                "runtime": dataclasses.asdict(self.runtime)}
+
+    @classmethod
+    def from_dict(cls, space: SearchSpace, doc: Mapping[str, Any],
+                  where: str = "config.json") -> "RunConfig":
+        """Rebuild from :meth:`to_dict` output (a run's ``config.json``), validating it."""
+        def table(key: str) -> Mapping[str, Any]:
+            v = doc.get(key)
+            if v is None:
+                return {}
+            if not isinstance(v, Mapping):
+                raise CoqatError(f"{where}: '{key}' must be a JSON object (got"
+                                 f" {type(v).__name__})")
+            return v
+
+        t = _construct_checked(TrainSettings, table("settings"), f"{where} settings")
+        s = _construct_checked(SearchSettings, table("search_settings"),
+                               f"{where} search_settings")
+        rt = _construct_checked(Runtime, table("runtime"), f"{where} runtime")
+        return cls(space, t.validate(f"{where} settings"), s.validate(f"{where} search"),
+                   rt.validate(f"{where} runtime"))
+
+
+def run_config_from_json(doc: Any, where: str = "config.json") -> RunConfig:
+    """The RunConfig a run directory's ``config.json`` records (space, settings, runtime),
+    validated; a damaged file is a one-line error naming it."""
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("space"), Mapping):
+        raise CoqatError(f"{where} has no 'space' section; the run directory is damaged or"
+                         " was not written by coqat")
+    space_path = doc.get("space_path")
+    space = parse_space(doc["space"], Path(space_path) if isinstance(space_path, str) else None)
+    if "runtime" not in doc and isinstance(doc.get("options"), Mapping):
+        # written before RunConfig: the runtime was part of the CLI-level 'options'
+        opts = doc["options"]
+        doc = {**doc, "runtime": {k: opts[k] for k in ("seed", "device", "data_dir", "out",
+                                                      "name", "progress") if k in opts}}
+    return RunConfig.from_dict(space, doc, where)
+
+
+def _check_keys(cls: type, keys: Any, where: str) -> None:
+    """Unknown keys of a settings dataclass: a one-line error listing the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in set(keys) - known)
+    if unknown:
+        raise CoqatError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed:"
+                         f" {', '.join(sorted(known))}")
+
+
+def _construct_checked(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    _check_keys(cls, values, where)
+    return cls(**values)
+
+
+def _replace_checked(obj: Any, changes: Mapping[str, Any] | None, where: str) -> Any:
+    """``obj.replace(**changes)`` (None values = keep) after checking the keys."""
+    changes = {k: v for k, v in dict(changes or {}).items() if v is not None}
+    _check_keys(type(obj), changes, where)
+    return obj.replace(**changes)
+
+
 def bits_from_cli(text: str, quantizer: str) -> LayerBits | None:
     """``--bits`` values: wNaM or fp (returns LayerBits), or None for a path to a JSON file."""
     t = text.strip()
@@ -342,6 +647,7 @@ def bits_from_cli(text: str, quantizer: str) -> LayerBits | None:
     return parse_bits(t, quantizer)
 
 
-__all__ = ["DEFAULT_SPACE", "FLOAT_BITS", "LayerRule", "ResolvedSpace", "SearchSpace",
-           "TrainSettings", "bits_from_cli", "find_space", "load_space", "parse_space",
-           "spaces_dir"]
+__all__ = ["DEFAULT_SPACE", "FLOAT_BITS", "KERNEL_CHOICES", "OPTIMIZERS", "LayerRule",
+           "ResolvedSpace", "RunConfig", "Runtime", "SearchSettings", "SearchSpace",
+           "TrainSettings", "bits_from_cli", "find_space", "load_space",
+           "parse_search_settings", "parse_space", "run_config_from_json", "spaces_dir"]

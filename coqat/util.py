@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from coqat.errors import CoqatError
 
@@ -63,6 +64,66 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
+    """Parse the JSON file ``path``; any way it can be unreadable (missing, a directory, not
+    UTF-8, not JSON, nested absurdly deep, an OS error) is a one-line CoqatError that names
+    ``what`` the file is and ``fix``."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CoqatError(f"{p} is missing ({what}); {fix}") from None
+    except IsADirectoryError:
+        raise CoqatError(f"{p} is a directory, not {what}; {fix}") from None
+    except UnicodeDecodeError:
+        raise CoqatError(f"{p} is not UTF-8 text, so not {what}; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise CoqatError(f"{p} is not valid JSON ({e}), so not {what}; {fix}") from None
+    except RecursionError:
+        raise CoqatError(f"{p} is nested too deeply to be {what}; {fix}") from None
+    except OSError as e:
+        raise CoqatError(f"cannot read {p} ({e.strerror}); {fix}") from None
+
+
+def jsonl_appender(path: str | os.PathLike) -> Callable[[dict[str, Any]], None]:
+    """A function that appends one JSON object per line to ``path`` (parent created now)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(rec: dict[str, Any]) -> None:
+        with open(p, "a") as f:
+            f.write(json.dumps(rec, default=float) + "\n")
+
+    return append
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive advisory lock on ``lock_path`` (created if missing) while inside.
+
+    Yields True when the lock is held. With ``blocking=False`` it yields False at once if
+    another process holds it. The lock goes with the process: a killed holder frees it.
+    Without ``fcntl`` (not POSIX) it yields True and locks nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield True
+        return
+    p = Path(lock_path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def sha256_bytes(data: bytes) -> str:

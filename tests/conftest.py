@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from coqat.config import RunConfig
+from coqat.training import runner
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 DIGITS = str(FIXTURES / "digits.toml")
@@ -23,10 +26,25 @@ torch.set_num_threads(1)
 
 def run_cli(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python cli.py ARGS`` (the installed console script does the same)."""
+    """Run ``python -m coqat ARGS`` (the installed console script does the same)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "coqat", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_config(space: str, runs: str | os.PathLike, **options) -> RunConfig:
+    """A quiet RunConfig writing under ``runs`` (options: TrainSettings / SearchSettings /
+    Runtime fields)."""
+    return RunConfig.from_options(space, out=str(runs), progress=False, **options)
+
+
+def train_run(space: str, runs: str | os.PathLike, bits="fp", **options):
+    """``coqat train`` from Python: (RunDir, RunRecord)."""
+    return runner.run_train(run_config(space, runs, **options), bits)
+
+
+def prepare_run(space: str, runs: str | os.PathLike, bits="fp", **options):
+    return runner.prepare(run_config(space, runs, **options), bits)
 
 
 def cli_json(*args: str, **kw) -> dict:

@@ -24,7 +24,6 @@ from coqat.config import TrainSettings
 from coqat.errors import CoqatError
 from coqat.optim.cage import (
     MAX_LOGGED_LAYERS,
-    CageHooks,
     cage_lambda,
     coupled_grad_,
     decoupled_update_,
@@ -32,10 +31,11 @@ from coqat.optim.cage import (
 )
 from coqat.optim.schedules import Schedule
 from coqat.quant import QuantLinear, quantize_model, quantized_modules
-from coqat.train import runner
-from coqat.train.distributed import DistEnv
-from coqat.train.loop import StepContext, TrainHooks, build_optimizer
-from conftest import DIGITS, ROOT
+from coqat.training import runner
+from coqat.training.cage import CageHooks
+from coqat.training.distributed import DistEnv
+from coqat.training.loop import StepContext, TrainHooks, build_optimizer
+from conftest import DIGITS, ROOT, prepare_run, train_run
 
 
 # ----------------------------------------------------------------------------------------
@@ -279,20 +279,16 @@ def test_log_line_drops_the_per_layer_dict_for_very_deep_models():
 # ----------------------------------------------------------------------------------------
 # the real training loop
 # ----------------------------------------------------------------------------------------
-def _opts(runs, **kw) -> runner.TrainOptions:
-    return runner.TrainOptions(out=str(runs), progress=False, **kw)
-
-
 def test_decoupled_cage_in_the_loop_is_adamw_then_the_pull(runs):
     """silence 0.9 over a 10-step QAT phase: lambda is non-zero only at the last step, so a
     cage-d run ends at AdamW's final weights minus lr_T * lambda * (w - Q(w))."""
     common = dict(bits="w3a4", steps=10, cage_silence=0.9, cage_lambda=20.0)
-    plain_run, _ = runner.run_train(DIGITS, _opts(runs, name="plain", **common))
-    prep = runner.prepare(DIGITS, _opts(runs, name="cage", optimizer="cage-d", **common))
+    plain_run, _ = train_run(DIGITS, runs, name="plain", **common)
+    prep = prepare_run(DIGITS, runs, name="cage", optimizer="cage-d", **common)
     cage_run, _ = runner.execute(prep)
     plain, cage = plain_run.load_weights(), cage_run.load_weights()
     lr_last = prep.settings.lr * prep.schedule.lr_factor(9)
-    model = runner.prepare(DIGITS, _opts(runs, bits="w3a4")).model
+    model = prepare_run(DIGITS, runs, bits="w3a4").model
     model = quantize_model(model, prep.bitconfig)
     model.load_state_dict(plain)
     mods = dict(quantized_modules(model))
@@ -320,8 +316,8 @@ def test_resumed_cage_run_ends_with_the_same_weights(runs):
                 os.kill(os.getpid(), signal.SIGINT)
 
     kw = dict(bits="w4a4", optimizer="cage-c", cage_silence=0.5)   # active from step 20 of 40
-    full_run, full = runner.run_train(DIGITS, _opts(runs, name="full", **kw))
-    prep = runner.prepare(DIGITS, _opts(runs, name="cut", **kw))
+    full_run, full = train_run(DIGITS, runs, name="full", **kw)
+    prep = prepare_run(DIGITS, runs, name="cut", **kw)
     with pytest.raises(CoqatError, match="resume with"):
         runner.execute(prep, hooks=[*runner.make_hooks(prep), InterruptAt()])
     cut = next(p for p in runs.iterdir() if p.name.startswith("cut"))
@@ -345,7 +341,7 @@ def test_cage_under_two_process_ddp_keeps_the_ranks_identical(tmp_path):
     loop compares the ranks' weight digests at the end and fails if they differ."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(ROOT / "cli.py"), "train", "--space", DIGITS, "--bits", "w4a4",
+           "2", "-m", "coqat", "train", "--space", DIGITS, "--bits", "w4a4",
            "--optimizer", "cage-d", "--cage-silence", "0.5", "--steps", "10",
            "--out", str(tmp_path / "ddp"), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -19,16 +19,16 @@ import torch
 
 from coqat.bitconfig import FLOAT_BITS, BitConfig, LayerBits
 from coqat.errors import CoqatError
-from coqat.export import export_run
-from coqat.export.deploy import deploy, load_packed
-from coqat.export.loading import fresh_model, load_run
-from coqat.export.qparams import QPARAMS, dequantize_codes, read_qparams, weight_codes
+from coqat.exporters import export_run
+from coqat.exporters.deploy import deploy, load_packed
+from coqat.exporters.loading import fresh_model, load_run
+from coqat.exporters.qparams import QPARAMS, dequantize_codes, read_qparams, weight_codes
 from coqat.kernels.pack import (pack_codes, pack_int2, pack_int4, unpack_codes, unpack_int2,
                                 unpack_int4)
 from coqat.quant import quantized_modules
 from coqat.quant.quantizers import dequantize
-from coqat.train import runner
-from conftest import DIGITS, LM_MICRO, assert_one_line_error, cli_json, run_cli
+from coqat.training import runner
+from conftest import DIGITS, LM_MICRO, assert_one_line_error, cli_json, prepare_run, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -37,9 +37,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def _train(root: Path, space: str, name: str, bits, quantizer: str = "quest",
            steps: int = 6) -> Path:
     """A finished run whose layer bits come from ``bits(fqn, default) -> LayerBits``."""
-    opts = runner.TrainOptions(bits="w4a4", quantizer=quantizer, steps=steps, out=str(root),
-                               name=name, progress=False, qat_fraction=0.5)
-    prep = runner.prepare(space, opts)
+    prep = prepare_run(space, root, "w4a4", quantizer=quantizer, steps=steps, name=name,
+                       qat_fraction=0.5)
     layers = {n: bits(n, lb) for n, lb in prep.bitconfig.layers.items()}
     prep.bitconfig = BitConfig(layers, prep.bitconfig.tie_groups)
     run, _ = runner.execute(prep)
@@ -51,12 +50,11 @@ def _untrained_run(root: Path, space: str, name: str, bits=lambda n, lb: lb) -> 
     training and its final full-split evaluation, which would cost most of these tests'
     time. For format numerics and sizes the weights' history does not matter; the trained
     fixtures above cover the training path."""
-    from coqat.export.qparams import write_qparams
+    from coqat.exporters.qparams import write_qparams
     from coqat.quant import quantize_model
-    from coqat.report.rundir import RunDir
+    from coqat.rundir import RunDir
 
-    prep = runner.prepare(space, runner.TrainOptions(bits="w4a4", out=str(root),
-                                                     progress=False))
+    prep = prepare_run(space, root, "w4a4")
     prep.bitconfig = BitConfig({n: bits(n, lb) for n, lb in prep.bitconfig.layers.items()},
                                prep.bitconfig.tie_groups)
     run = RunDir.create(root, name)
@@ -260,7 +258,7 @@ def test_onnx_file_passes_the_full_checker_with_the_configured_types(onnx_lm, on
 
 
 def _ort_vs_coqat(res, run, n=8):
-    from coqat.export.onnx_export import OrtModule, ort_session
+    from coqat.exporters.onnx_export import OrtModule, ort_session
 
     loaded = load_run(run)
     x = _batch(loaded, n)
@@ -286,7 +284,7 @@ def test_rtn_layers_fuse_into_matmulnbits_and_stay_exact_at_accuracy_level_1(
     import onnx
     import onnxruntime as ort
 
-    from coqat.export.onnx_export import OrtModule
+    from coqat.exporters.onnx_export import OrtModule
 
     loaded = load_run(digits_mixed)
     x = _batch(loaded, 8)
@@ -324,7 +322,7 @@ def test_compressed_tensors_config_validates_and_decompresses_to_coqat_weights(
         lm_rtn, lm_quest_a16, root):
     from compressed_tensors.quantization import QuantizationConfig
 
-    from coqat.export.compressed import decompress_checkpoint
+    from coqat.exporters.compressed import decompress_checkpoint
 
     for run, widened in ((lm_rtn, False), (lm_quest_a16, True)):
         res = export_run(run, "compressed-tensors", root / f"ct-{run.name}")
@@ -350,7 +348,7 @@ def test_compressed_tensors_checkpoint_reproduces_coqat_logits_in_transformers(
     from compressed_tensors.transform import TransformConfig, apply_transform_config
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from coqat.export.compressed import decompress_checkpoint
+    from coqat.exporters.compressed import decompress_checkpoint
 
     # RTN: the directory loads as is with transformers' compressed-tensors integration
     res = export_run(lm_rtn, "compressed-tensors", root / "ct-hf-rtn")

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from coqat.errors import CoqatError
-from coqat.report import frontier as fr
+from coqat.records import RunRecord
+from coqat.sweep import frontier as fr
+from coqat.sweep import queue
 from conftest import DIGITS, FIXTURES, assert_one_line_error, cli_json, run_cli
 
 BUDGETS = ["w2a4", "w4a4", "w8a8"]
@@ -36,12 +38,13 @@ def _storages(tmp_path: Path) -> list[str]:
 def _complete_counts(study) -> Counter:
     from optuna.trial import TrialState
 
-    return Counter(fr._trial_key(t) for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    return Counter(fr.point_key(t.user_attrs) for t in study.get_trials(
+        states=(TrialState.COMPLETE,)))
 
 
 def test_points_are_enqueued_once_and_rerunning_the_command_adds_nothing(tmp_path):
     kw = dict(storage_url=str(tmp_path / "s.journal"), out=tmp_path, name=f"q{uuid.uuid4().hex[:6]}",
-              options={})
+)
     study, manifest, _ = fr.create_or_resume(DIGITS, BUDGETS, [0, 1], ["uniform"], **kw)
     assert len(study.get_trials()) == 6
     study, manifest, sweep = fr.create_or_resume(DIGITS, BUDGETS, [0, 1], ["uniform"], **kw)
@@ -51,15 +54,22 @@ def test_points_are_enqueued_once_and_rerunning_the_command_adds_nothing(tmp_pat
     assert (sweep / "frontier.json").is_file()
 
 
-def _fake_point(space, point, options, run_dir):
+def fake_record(point) -> RunRecord:
+    """What a point reports, without training: BOPs by budget, metric by budget and seed."""
     rank = BUDGETS.index(point["budget"]) + 1
-    return {"bops": rank * 1000, "metric": 1.0 / rank + point["seed"] * 1e-3}
+    return RunRecord(metric_name="val_acc", metric=1.0 / rank + point["seed"] * 1e-3,
+                     higher_is_better=True, bits="w4a4", bops=rank * 1000, space="digits",
+                     seed=point["seed"], method=point["method"])
+
+
+def _fake_point(manifest, space, point, run_dir):
+    return fake_record(point)
 
 
 def test_a_grid_extended_after_points_ran_runs_only_the_new_points(tmp_path):
     """Regression: the point used to be suggest_categorical()'d over the grid, and Optuna
     refuses a categorical whose choices change, so every point after an extension failed."""
-    kw = dict(storage_url=str(tmp_path / "s.journal"), out=tmp_path, name="grow", options={})
+    kw = dict(storage_url=str(tmp_path / "s.journal"), out=tmp_path, name="grow")
     study, manifest, sweep = fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], **kw)
     assert fr.work(study, manifest, sweep, run_point=_fake_point) == 1
     study, manifest, sweep = fr.create_or_resume(DIGITS, ["w4a4", "w8a8"], [0, 1],
@@ -75,18 +85,18 @@ def test_a_grid_extended_after_points_ran_runs_only_the_new_points(tmp_path):
 
 def test_a_worker_that_died_before_its_first_heartbeat_has_its_point_retried(tmp_path):
     study, manifest, sweep = fr.create_or_resume(
-        DIGITS, ["w4a4"], [0], ["uniform"], str(tmp_path / "s.journal"), tmp_path, "early", {},
+        DIGITS, ["w4a4"], [0], ["uniform"], str(tmp_path / "s.journal"), tmp_path, "early",
         grace=0.5)
     study.ask()                            # a worker took the point and died right away
     assert fr.progress(study, manifest)["running"] == 1
     time.sleep(0.6)
-    assert fr.fail_stale(study, manifest.grace) == ["0"]   # trial 0 failed, its point re-enqueued
+    assert queue.fail_stale(study, manifest.grace, fr.POINT_KEYS) == [0]   # re-enqueued
     assert fr.work(study, manifest, sweep, run_point=_fake_point) == 1
     assert set(_complete_counts(study).values()) == {1}
 
 
 def test_a_study_made_with_another_space_is_refused(tmp_path):
-    kw = dict(storage_url=str(tmp_path / "s.journal"), out=tmp_path, name="same", options={})
+    kw = dict(storage_url=str(tmp_path / "s.journal"), out=tmp_path, name="same")
     fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], **kw)
     other = tmp_path / "other.toml"
     other.write_text(Path(DIGITS).read_text().replace("lr = 1e-2", "lr = 2e-2"))
@@ -106,7 +116,7 @@ def test_killed_worker_point_is_retried_and_every_point_completes_exactly_once(
         url = urls[0]
     name = f"fault-{uuid.uuid4().hex[:8]}"
     study, manifest, sweep = fr.create_or_resume(DIGITS, BUDGETS, [0, 1], ["uniform"], url,
-                                                 tmp_path, name, {}, heartbeat=0.3, grace=2.0)
+                                                 tmp_path, name, heartbeat=0.3, grace=2.0)
     env = {**os.environ, "PYTHONPATH": str(FIXTURES.parent.parent)}
     cmd = [sys.executable, str(FIXTURES / "queue_worker.py"), url, name, str(sweep)]
     victim = subprocess.Popen(cmd + ["3.0"], env=env)      # slow points: killed mid-point
@@ -115,9 +125,9 @@ def test_killed_worker_point_is_retried_and_every_point_completes_exactly_once(
     held = None
     while time.time() < deadline and held is None:
         for t in study.get_trials():
-            if t.state.name == "RUNNING" and t.system_attrs.get(fr.OWNER_ATTR, "").endswith(
+            if t.state.name == "RUNNING" and t.user_attrs.get(queue.OWNER_ATTR, "").endswith(
                     f":{victim.pid}"):
-                held = t.system_attrs.get(fr.POINT_ATTR)
+                held = fr.point_key(t.user_attrs)
         time.sleep(0.1)
     assert held is not None, "the victim never started a point"
     os.kill(victim.pid, signal.SIGKILL)
@@ -129,7 +139,7 @@ def test_killed_worker_point_is_retried_and_every_point_completes_exactly_once(
     keys = {fr.point_key(p) for p in manifest.points()}
     assert set(counts) == keys and set(counts.values()) == {1}    # every point exactly once
     failed = [t for t in study.get_trials() if t.state.name == "FAIL"]
-    assert [t.system_attrs.get(fr.POINT_ATTR) for t in failed] == [held]
+    assert [fr.point_key(t.user_attrs) for t in failed] == [held]
     starts = (sweep / "trials" / held / "starts.txt").read_text().split()
     assert len(starts) == 2                       # the killed start and the retry
     for k in keys:
@@ -153,7 +163,7 @@ def test_unreachable_storage_is_a_one_line_error():
 
 def test_empty_budget_list_is_a_one_line_error(tmp_path):
     proc = run_cli("frontier", "--space", DIGITS, "--budgets", " , ", "--out", str(tmp_path))
-    assert_one_line_error(proc, "--budgets is empty")
+    assert_one_line_error(proc, "budget list is empty")
 
 
 def test_bad_budget_in_the_list_is_named(tmp_path):
@@ -170,7 +180,7 @@ def test_an_infeasible_budget_is_refused_before_any_point_runs(tmp_path):
 
 def test_worker_for_an_unknown_study_lists_what_exists(tmp_path):
     fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], str(tmp_path / "s.journal"),
-                        tmp_path, "exists", {})
+                        tmp_path, "exists")
     proc = run_cli("worker", "--storage", str(tmp_path / "s.journal"), "--study", "nope")
     assert_one_line_error(proc, "no study 'nope'", "exists")
 
@@ -183,8 +193,8 @@ def test_the_journal_opens_in_optuna_dashboard(tmp_path):
     import optuna_dashboard
 
     fr.create_or_resume(DIGITS, ["w4a4"], [0], ["uniform"], str(tmp_path / "s.journal"),
-                        tmp_path, "dash", {})
-    app = optuna_dashboard.wsgi(fr.open_storage(str(tmp_path / "s.journal")))
+                        tmp_path, "dash")
+    app = optuna_dashboard.wsgi(queue.open_storage(str(tmp_path / "s.journal")))
     status = {}
     body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies",
                          "QUERY_STRING": "", "SERVER_NAME": "x", "SERVER_PORT": "80",

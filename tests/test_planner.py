@@ -15,8 +15,8 @@ import pytest
 from coqat.bitconfig import BitConfig, LayerBits
 from coqat.errors import CoqatError
 from coqat.optim.planner import FITTED_S_RANGE, plan, predict_qat_fraction
-from coqat.train import runner
-from conftest import DIGITS, assert_one_line_error, cli_json, run_cli
+from coqat.training import runner
+from conftest import DIGITS, assert_one_line_error, cli_json, run_cli, prepare_run
 
 # co_qat.md section 4: S_total -> predicted QAT fraction (3 decimals)
 CO_QAT_TABLE = {10: 0.054, 20: 0.106, 50: 0.179, 100: 0.232, 200: 0.281, 500: 0.339,
@@ -95,15 +95,10 @@ def test_plan_cli_flags_extrapolation_and_refuses_bad_numbers():
 
 
 # ----- schedules of real runs ------------------------------------------------------------------
-def _opts(runs, **kw) -> runner.TrainOptions:
-    return runner.TrainOptions(out=str(runs), progress=False, **kw)
-
-
 def test_auto_fraction_sets_qat_start_from_the_prediction(runs):
     # digits: 1 token per sample; batch 1024 x 40 steps over 3,818 quantized 4-bit
     # parameters -> S = 40960 / 1909 = 21.5, f = 0.111 -> round(4.45) = 4 QAT steps
-    prep = runner.prepare(DIGITS, _opts(runs, bits="w4a4", qat_fraction="auto",
-                                        batch_size=1024))
+    prep = prepare_run(DIGITS, runs, bits="w4a4", qat_fraction="auto", batch_size=1024)
     f = predict_qat_fraction(40 * 1024, 3818, 4)
     assert prep.qat_plan["qat_fraction"] == pytest.approx(f)
     assert prep.qat_plan["tokens_per_param_byte"] == pytest.approx(40960 / 1909)
@@ -111,14 +106,13 @@ def test_auto_fraction_sets_qat_start_from_the_prediction(runs):
 
 
 def test_mixed_bits_plan_uses_the_parameter_weighted_mean_bits(runs, tmp_path):
-    prep = runner.prepare(DIGITS, _opts(runs, bits="w4a4"))
+    prep = prepare_run(DIGITS, runs, bits="w4a4")
     params = {n: prep.cost.layers[n].params for n in prep.bitconfig.layers}
     cfg = BitConfig({n: LayerBits(2 if n == "conv2" else 8, 8, "quest") for n in params},
                     prep.bitconfig.tie_groups)
     path = tmp_path / "mixed.json"
     cfg.save(path, prep.cost)
-    mixed = runner.prepare(DIGITS, _opts(runs, bits=str(path), qat_fraction="auto",
-                                         batch_size=1024))
+    mixed = prepare_run(DIGITS, runs, bits=str(path), qat_fraction="auto", batch_size=1024)
     mean_bits = sum((2 if n == "conv2" else 8) * k for n, k in params.items()) / sum(
         params.values())
     assert mixed.qat_plan["bits"] == pytest.approx(mean_bits)
@@ -131,8 +125,7 @@ def test_mixed_bits_plan_uses_the_parameter_weighted_mean_bits(runs, tmp_path):
     ("w4a4", False, False), ("w2a4", True, True),          # explicit choice wins
 ])
 def test_cooldown_fusion_default_and_override(runs, bits, flag, fused):
-    prep = runner.prepare(DIGITS, _opts(runs, bits=bits, qat_fraction=0.5,
-                                        fuse_cooldown=flag))
+    prep = prepare_run(DIGITS, runs, bits=bits, qat_fraction=0.5, fuse_cooldown=flag)
     s = prep.schedule
     assert s.fused is fused and s.qat_start == 20
     lrs = [s.lr_factor(i) for i in range(40)]

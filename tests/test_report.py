@@ -9,10 +9,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from coqat.report.build import build_report, to_json, write_html
-from coqat.report.runs import Point, dominates, pareto_front
-from coqat.train import runner
-from conftest import DIGITS, run_cli
+from coqat.reporting.build import build_report, to_json, write_html
+from coqat.reporting.runs import Point, dominates, pareto_front
+from coqat.training import runner
+from conftest import DIGITS, run_cli, train_run
 
 
 def P(bops, metric, hib=False, method="x"):
@@ -29,8 +29,8 @@ def test_pareto_front_keeps_only_non_dominated_points():
 
 
 def test_vs_uniform_compares_with_the_uniform_run_of_the_same_budget():
-    from coqat.report.build import Report, uniform_delta
-    from coqat.report.runs import group_points
+    from coqat.reporting.build import Report, uniform_delta
+    from coqat.reporting.runs import group_points
 
     def pt(method, bops, metric, budget):
         return Point("", "s", method, "mixed", 0, bops, 1000, "loss", metric, False,
@@ -71,8 +71,7 @@ def runs_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     for bits in ("fp", "w8a8", "w4a4", "w2a4"):
         for seed in (0, 1):
-            runner.run_train(DIGITS, runner.TrainOptions(bits=bits, seed=seed, steps=8,
-                                                         out=str(out), progress=False))
+            train_run(DIGITS, out, bits=bits, seed=seed, steps=8)
     return out
 
 

@@ -21,15 +21,16 @@ from coqat.bitconfig import LayerBits
 from coqat.config import load_space
 from coqat.cost import CostModel, parse_budget
 from coqat.errors import CoqatError
-from coqat.export.targets import get_target
+from coqat.targets import get_target
 from coqat.quant import QuantConv2d, QuantLinear, fake_quant
-from coqat.search import (Assignment, Decision, GumbelSearch, SearchConv2d, SearchLinear,
+from coqat.bitsearch import (Assignment, Decision, GumbelSearch, SearchConv2d, SearchLinear,
                           SearchProblem, SearchSettings, derive, parse_search_settings, repair,
                           run_search, to_search_model, uniform_at_budget)
-from coqat.search import knapsack
-from coqat.train.runner import TrainOptions
+from coqat.bitsearch import knapsack
+from coqat.records import RunRecord
+from coqat.rundir import RunDir
 from coqat.workloads import get_workload
-from conftest import LM_MICRO, assert_one_line_error, cli_json, run_cli
+from conftest import LM_MICRO, assert_one_line_error, cli_json, run_cli, run_config
 
 HALFWAY = "w4a4+0.5*(w8a8-w4a4)"
 
@@ -370,7 +371,7 @@ def test_search_starts_on_the_budget(tiny, expr):
 
 
 def test_temperature_anneals_from_start_to_end():
-    from coqat.search import temperature
+    from coqat.bitsearch import temperature
 
     taus = [temperature(k, 11, 1.0, 0.1) for k in range(11)]
     assert taus[0] == 1.0 and taus[-1] == pytest.approx(0.1)
@@ -410,32 +411,32 @@ def test_search_settings_reject_unknown_and_bad_keys():
 
 
 def test_pipeline_writes_a_search_run_and_reuses_the_fp_phase(runs):
-    opts = TrainOptions(out=str(runs), progress=False, steps=4, seed=3)
-    over = {"fp_steps": 4, "search_steps": 4, "trace_every": 1}
-    run, res = run_search(LM_MICRO, "w4a4", "gumbel", opts, overrides=over)
-    assert res["fp_phase"]["reused"] is False
-    assert res["achieved_bops"] <= res["budget_bops"] and math.isfinite(res["metric"])
+    cfg = run_config(LM_MICRO, runs, steps=4, seed=3, fp_steps=4, search_steps=4,
+                     trace_every=1)
+    run, rec = run_search(cfg, "w4a4", "gumbel")
+    res = rec.search
+    assert res.fp_phase["reused"] is False
+    assert res.achieved_bops <= res.budget_bops and math.isfinite(rec.metric)
     doc = run.read_json("bitconfig.json")
-    assert doc["meta"]["method"] == "gumbel" and doc["cost"]["total_bops"] == res["achieved_bops"]
-    assert doc["cost"]["budget_bops"] == res["budget_bops"]
+    assert doc["meta"]["method"] == "gumbel" and doc["cost"]["total_bops"] == res.achieved_bops
+    assert doc["cost"]["budget_bops"] == res.budget_bops
     trace = [json.loads(x) for x in run.file("search/trace.jsonl").read_text().splitlines()]
     assert [t["arch_step"] for t in trace] == [0, 1, 2]
     assert {"mu", "tau", "e_bops_over_budget", "probs"} <= set(trace[-1])
     assert run.read_json("final.json")["repair"]["layers_changed"] >= 0
-    _, again = run_search(LM_MICRO, "w4a4", "optuna", opts,
-                          overrides={**over, "optuna_trials": 3}, final_qat=False,
-                          optuna_seconds=60)
-    assert again["fp_phase"]["reused"] is True and again["metric"] is None
-    assert again["optuna"]["trials"] == 3
-    assert again["achieved_bops"] <= again["budget_bops"]
+    _, again = run_search(cfg.with_search(optuna_trials=3), "w4a4", "optuna", final_qat=False,
+                          seconds=60)
+    assert again.search.fp_phase["reused"] is True and again.metric is None
+    assert again.search.optuna["trials"] == 3
+    assert again.search.achieved_bops <= again.search.budget_bops
+    assert RunRecord.read(RunDir(again.run_dir)).search.optuna["trials"] == 3
 
 
 def _fp_phase_in_process(out: str, queue) -> None:
-    from coqat.search.pipeline import load_or_train_fp, plan_search
+    from coqat.bitsearch.pipeline import load_or_train_fp, plan_search
 
-    job = plan_search(LM_MICRO, "w4a4", "gumbel",
-                      TrainOptions(out=out, progress=False, steps=4, seed=5),
-                      overrides={"fp_steps": 4, "search_steps": 4})
+    job = plan_search(run_config(LM_MICRO, out, steps=4, seed=5, fp_steps=4, search_steps=4),
+                      "w4a4", "gumbel")
     queue.put(load_or_train_fp(job, lambda _msg: None)["reused"])
 
 

@@ -14,18 +14,14 @@ import torch
 from coqat.bitconfig import BitConfig
 from coqat.errors import CoqatError
 from coqat.optim.schedules import Schedule
-from coqat.report.rundir import CHECKPOINT
-from coqat.train import runner
-from coqat.train.loop import TrainHooks
-from conftest import DIGITS, LM_MICRO, ROOT
-
-
-def opts(runs, **kw) -> runner.TrainOptions:
-    return runner.TrainOptions(out=str(runs), progress=False, **kw)
+from coqat.rundir import CHECKPOINT
+from coqat.training import runner
+from coqat.training.loop import TrainHooks
+from conftest import DIGITS, LM_MICRO, ROOT, prepare_run, train_run
 
 
 def test_fp_run_writes_a_complete_run_directory(runs):
-    run, result = runner.run_train(DIGITS, opts(runs, bits="fp"))
+    run, result = train_run(DIGITS, runs, bits="fp")
     for name in ("config.json", "bitconfig.json", "metrics.jsonl", "final.json", "env.json",
                  "model.safetensors", CHECKPOINT):
         assert run.has(name), name
@@ -36,30 +32,30 @@ def test_fp_run_writes_a_complete_run_directory(runs):
     evals = list(run.metrics("eval"))
     assert [e["step"] for e in evals] == [20, 40] and evals[-1]["final"]
     assert BitConfig.load(run.file("bitconfig.json")).summary() == "fp"
-    assert result["metric"] == final["metric"]
+    assert result.metric == final["metric"]
 
 
 def test_qat_run_quantizes_every_searchable_layer_and_reports_bops(runs):
-    run, result = runner.run_train(DIGITS, opts(runs, bits="w4a4"))
+    run, result = train_run(DIGITS, runs, bits="w4a4")
     doc = run.read_json("bitconfig.json")
     assert {e["weight"]["bits"] for e in doc["layers"].values()} == {4}
-    assert doc["cost"]["total_bops"] == result["bops"] < result["fp32_bops"]
+    assert doc["cost"]["total_bops"] == result.bops < result.fp32_bops
     from safetensors.torch import load_file
 
     keys = set(load_file(str(run.file("model.safetensors"))))
     assert "conv1.weight" in keys                        # same keys as the float model
-    assert result["qat_steps"] == 40
+    assert result.qat_steps == 40
 
 
 def test_mixed_bitconfig_file_trains_with_its_own_bits(runs, tmp_path):
-    run, _ = runner.run_train(DIGITS, opts(runs, bits="w4a4", steps=5))
+    run, _ = train_run(DIGITS, runs, bits="w4a4", steps=5)
     cfg = BitConfig.load(run.file("bitconfig.json"))
     cfg.layers["conv2"] = type(cfg.layers["conv2"])(2, 8, "quest")
     path = tmp_path / "mixed.json"
-    prep = runner.prepare(DIGITS, opts(runs, bits="w4a4"))
+    prep = prepare_run(DIGITS, runs, bits="w4a4")
     cfg.save(path, prep.cost)
-    run2, res2 = runner.run_train(DIGITS, opts(runs, bits=str(path), steps=5))
-    assert res2["bits"] == "mixed"
+    run2, res2 = train_run(DIGITS, runs, bits=str(path), steps=5)
+    assert res2.bits == "mixed"
     assert BitConfig.load(run2.file("bitconfig.json")).layers["conv2"].w_bits == 2
 
 
@@ -76,32 +72,31 @@ class _InterruptAt(TrainHooks):
 
 @pytest.mark.parametrize("bits", ["fp", "w4a4"])
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(runs, bits):
-    full_run, full = runner.run_train(LM_MICRO, opts(runs, bits=bits, qat_fraction=0.5,
-                                                     name="full"))
-    prep = runner.prepare(LM_MICRO, opts(runs, bits=bits, qat_fraction=0.5, name="cut"))
+    full_run, full = train_run(LM_MICRO, runs, bits=bits, qat_fraction=0.5, name="full")
+    prep = prepare_run(LM_MICRO, runs, bits=bits, qat_fraction=0.5, name="cut")
     with pytest.raises(CoqatError, match="resume with"):
         runner.execute(prep, hooks=[_InterruptAt(13)])
     cut = next(p for p in runs.iterdir() if p.name.startswith("cut"))
     assert not (cut / "final.json").exists()
     run, resumed = runner.resume(cut, progress=False)
-    assert resumed["resumed"] is True
+    assert resumed.resumed is True
     a, b = full_run.load_weights(), run.load_weights()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert resumed["metric"] == full["metric"]
+    assert resumed.metric == full.metric
     steps = [r["step"] for r in run.metrics("train")]
     assert steps == sorted(set(steps))                   # no duplicated log lines
 
 
 def test_resume_of_a_finished_run_is_refused(runs):
-    run, _ = runner.run_train(DIGITS, opts(runs, bits="fp", steps=5))
+    run, _ = train_run(DIGITS, runs, bits="fp", steps=5)
     with pytest.raises(CoqatError, match="already finished"):
         runner.resume(run.path)
 
 
 def test_corrupt_checkpoint_is_a_one_line_error(runs):
-    run, _ = runner.run_train(DIGITS, opts(runs, bits="fp", steps=10))
+    run, _ = train_run(DIGITS, runs, bits="fp", steps=10)
     (run.path / "final.json").unlink()
     run.file(CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(CoqatError, match="corrupt"):
@@ -110,7 +105,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(runs):
 
 def test_nonfinite_loss_stops_with_advice(runs):
     with pytest.raises(CoqatError, match="learning rate"):
-        runner.run_train(DIGITS, opts(runs, bits="fp", steps=20, lr=1e6))
+        train_run(DIGITS, runs, bits="fp", steps=20, lr=1e6)
 
 
 # ----- schedules ---------------------------------------------------------------------------
@@ -138,8 +133,8 @@ def test_unfused_schedule_cools_down_fp_then_rewarms_for_qat():
 
 
 def test_fusion_defaults_on_at_four_bits_and_off_below(runs):
-    p4 = runner.prepare(DIGITS, opts(runs, bits="w4a4", qat_fraction=0.5))
-    p2 = runner.prepare(DIGITS, opts(runs, bits="w2a4", qat_fraction=0.5))
+    p4 = prepare_run(DIGITS, runs, bits="w4a4", qat_fraction=0.5)
+    p2 = prepare_run(DIGITS, runs, bits="w2a4", qat_fraction=0.5)
     assert p4.schedule.fused and not p2.schedule.fused
     assert p4.schedule.qat_start == 20
 
@@ -149,14 +144,14 @@ def test_two_process_ddp_ranks_end_with_identical_weights(tmp_path):
     """torchrun, 2 CPU processes (gloo): the loop checks every rank's weight digest."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(ROOT / "cli.py"), "train", "--space", DIGITS, "--bits", "w4a4",
+           "2", "-m", "coqat", "train", "--space", DIGITS, "--bits", "w4a4",
            "--steps", "12", "--out", str(tmp_path / "ddp"), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["eval"]["ddp_world_size"] == 2
     # the same global batches in one process give (nearly) the same model
-    single = runner.run_train(DIGITS, opts(tmp_path / "one", bits="w4a4", steps=12))[1]
-    assert result["metric"] == pytest.approx(single["metric"], abs=0.03)
+    single = train_run(DIGITS, tmp_path / "one", bits="w4a4", steps=12)[1]
+    assert result["metric"] == pytest.approx(single.metric, abs=0.03)
     run_dirs = list((tmp_path / "ddp").iterdir())
     assert len(run_dirs) == 1                                          # rank 0 alone writes

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Mapping
@@ -119,6 +120,34 @@ class _Evaluator:
         except CoqatError as e:
             raise _BudgetSyntaxError(f"{name} has unsupported bits ({e})") from None
         return Fraction(self.cost.uniform_bops(bits, self.pinned)), 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget parsed once: the expression as written, its BOPs for one model, and a
+    filesystem-safe slug (run and sweep-point directories are named with it)."""
+
+    expr: str
+    bops: int
+
+    @classmethod
+    def parse(cls, expr: str, cost: CostModel,
+              pinned: Mapping[str, LayerBits] | None = None) -> "Budget":
+        return cls(str(expr).strip(), parse_budget(expr, cost, pinned))
+
+    @property
+    def slug(self) -> str:
+        return budget_slug(self.expr)
+
+    def describe(self, cost: CostModel) -> str:
+        return describe_budget(self.expr, self.bops, cost)
+
+
+def budget_slug(expr: str) -> str:
+    """``"w4a4+0.5*(w8a8-w4a4)"`` -> ``"w4a4_0.5xw8a8_w4a4"``: letters, digits, '.' and '_'
+    only, at most 40 characters (``*`` reads as ``x``)."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "_", str(expr).strip().replace("*", "x"))
+    return slug.strip("_")[:40] or "budget"
 
 
 def parse_budget(expr: str, cost: CostModel,

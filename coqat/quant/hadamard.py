@@ -28,27 +28,10 @@ import functools
 
 import torch
 
+from coqat.bitconfig import hadamard_block_for
 from coqat.errors import CoqatError
 
 __all__ = ["hadamard_transform", "hadamard_block_for", "hadamard_scale", "sylvester_matrix"]
-
-
-def hadamard_block_for(dim: int, max_block: int = 128) -> int:
-    """The Hadamard block used for a reduction dim of size ``dim``.
-
-    The largest power of two that is <= ``max_block`` and divides ``dim``: 128 for
-    ``dim = 384``, 32 for ``dim = 96``, 1 (no rotation) for odd ``dim``. ``max_block`` 0
-    or 1 means "no rotation" and gives 1.
-    """
-    dim, max_block = int(dim), int(max_block)
-    if dim < 1:
-        raise CoqatError(f"hadamard_block_for: dim = {dim} must be >= 1")
-    if max_block < 0:
-        raise CoqatError(f"hadamard_block_for: max_block = {max_block} must be >= 0 (0 = no rotation)")
-    block = 1
-    while block * 2 <= max_block and dim % (block * 2) == 0:
-        block *= 2
-    return block
 
 
 def hadamard_scale(block: int) -> float:

@@ -1,5 +1,0 @@
-"""Run directories, Pareto fronts, terminal and HTML reports."""
-
-from coqat.report.rundir import RunDir
-
-__all__ = ["RunDir"]

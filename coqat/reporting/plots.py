@@ -1,0 +1,197 @@
+"""Report figures (matplotlib, headless): frontier, per-layer bits heatmap, curves.
+
+Each function writes one PNG and returns its path; the HTML report embeds the same files,
+so the PNGs and the page always agree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from coqat.reporting.runs import Group, Point, group_dominated  # noqa: E402
+
+_METHOD_STYLE = {
+    "gumbel": dict(color="#d62728", marker="o"),
+    "uniform": dict(color="#1f77b4", marker="s"),
+    "optuna": dict(color="#2ca02c", marker="^"),
+    "random": dict(color="#7f7f7f", marker="x"),
+    "fp": dict(color="black", marker="*"),
+}
+
+
+def _style(method: str) -> dict:
+    return _METHOD_STYLE.get(method, dict(color="#9467bd", marker="D"))
+
+
+def frontier_plot(groups: Sequence[Group], path: Path, title: str) -> Path:
+    """Metric vs GBOPs (log x): one series per method, seed spread as error bars, uniform
+    baselines joined by a line, dominated cells hollow, FP as a dashed reference."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    dominated = group_dominated(groups)
+    by_method: dict[str, list[tuple[int, Group]]] = {}
+    for i, g in enumerate(groups):
+        by_method.setdefault(g.method, []).append((i, g))
+    name = groups[0].points[0].metric_name if groups else "metric"
+    for method, items in sorted(by_method.items()):
+        st = _style(method)
+        if method == "fp":
+            for _, g in items:
+                ax.axhline(g.metric_mean, color="black", ls="--", lw=1,
+                           label=f"FP32 ({g.metric_mean:.4f})")
+            continue
+        items.sort(key=lambda t: t[1].gbops_mean)
+        xs = [g.gbops_mean for _, g in items]
+        ys = [g.metric_mean for _, g in items]
+        es = [g.metric_std for _, g in items]
+        if method == "uniform":
+            ax.plot(xs, ys, color=st["color"], lw=1.2, alpha=0.8)
+        for (i, g), x, y, e in zip(items, xs, ys, es):
+            face = "none" if i in dominated else st["color"]
+            ax.errorbar([x], [y], yerr=[e], fmt=st["marker"], color=st["color"],
+                        mfc=face, ms=7, capsize=3, lw=1)
+        ax.plot([], [], st["marker"], color=st["color"], label=method)
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set_xlabel("GBOPs (log scale)")
+    ax.set_ylabel(name)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.text(0.99, 0.01, "hollow = dominated; bars = std over seeds", transform=ax.transAxes,
+            ha="right", va="bottom", fontsize=7, color="#555")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plain_log_ticks(axis) -> None:
+    """Label a log axis 7, 8, 10 rather than 7x10^0 (a frontier often spans under a decade)."""
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(fmt)
+
+
+def bits_heatmap(points: Sequence[Point], path: Path) -> Path | None:
+    """Per-layer weight bits (colour) and activation bits (text) across runs, cheapest left."""
+    runs = []
+    for p in sorted(points, key=lambda p: p.bops):
+        f = Path(p.run_dir) / "bitconfig.json"
+        if not f.is_file() or p.method == "fp":
+            continue
+        layers = json.loads(f.read_text()).get("layers", {})
+        runs.append((p, layers))
+    if not runs:
+        return None
+    names = list(runs[0][1])
+    grid = [[(l.get(n, {}).get("weight") or {}).get("bits", 16) for _, l in runs] for n in names]
+    acts = [[(l.get(n, {}).get("input_act") or {}).get("bits", 16) for _, l in runs] for n in names]
+    labels = [f"{p.method} {p.budget_expr or p.bits} s{p.seed}" for p, _ in runs]
+    label_h = 0.06 * max(len(t) for t in labels)      # inches under the grid for vertical labels
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(runs) + 3),
+                                    max(3, 0.22 * len(names) + 1.2 + label_h)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=2, vmax=16)
+    with_text = len(names) * len(runs) <= 2500          # beyond that the cells are too small
+    if with_text:
+        for i in range(len(names)):
+            for j in range(len(runs)):
+                ax.text(j, i, f"{grid[i][j]}/{acts[i][j]}", ha="center", va="center",
+                        fontsize=6, color="white" if grid[i][j] < 9 else "black")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=6)
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels(labels, fontsize=6, rotation=90)
+    ax.set_title("bits per layer, cheapest run left (colour: weight bits"
+                 + ("; text: weight/activation bits)" if with_text else ")"))
+    fig.colorbar(im, ax=ax, fraction=0.03, label="weight bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _series(run_dir: str, kind: str | None, key: str,
+            file: str = "metrics.jsonl") -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    f = Path(run_dir) / file
+    if not f.is_file():
+        return xs, ys
+    with open(f) as fh:
+        for line in fh:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (kind is None or r.get("kind") == kind) and isinstance(r.get(key), (int, float)):
+                xs.append(int(r.get("step", len(xs))))
+                ys.append(float(r[key]))
+    return xs, ys
+
+
+def training_curves(points: Sequence[Point], path: Path, max_runs: int = 12) -> Path | None:
+    """Training loss and validation metric against steps."""
+    chosen = sorted(points, key=lambda p: p.bops)[:max_runs]
+    if not chosen:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for p in chosen:
+        label = f"{p.method} {p.budget_expr or p.bits} s{p.seed}"
+        xs, ys = _series(p.run_dir, "train", "loss")
+        if xs:
+            a1.plot(xs, ys, lw=1, label=label)
+        xs, ys = _series(p.run_dir, "eval", p.metric_name)
+        if xs:
+            a2.plot(xs, ys, marker=".", lw=1, label=label)
+    a1.set_title("training loss")
+    a2.set_title(f"validation {chosen[0].metric_name}")
+    for a in (a1, a2):
+        a.set_xlabel("step")
+        a.grid(True, alpha=0.3)
+    a2.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# the Gumbel search's trace (coqat.bitsearch.pipeline writes it): one record per architecture step
+SEARCH_TRACE = "search/trace.jsonl"
+SEARCH_KEYS = ("mu", "tau", "e_bops_over_budget")
+
+
+def search_curves(points: Sequence[Point], path: Path, max_runs: int = 12) -> Path | None:
+    """The search's multiplier mu, Gumbel temperature and E[BOPs]/B against steps."""
+    with_trace = []
+    for p in points:
+        series = {k: _series(p.run_dir, "search", k, SEARCH_TRACE) for k in SEARCH_KEYS}
+        if any(xs for xs, _ in series.values()):
+            with_trace.append((p, series))
+    if not with_trace:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for p, series in with_trace[:max_runs]:
+        label = f"{p.budget_expr or p.bits} s{p.seed}"
+        for ax, key in zip(axes, SEARCH_KEYS):
+            xs, ys = series[key]
+            if xs:
+                ax.plot(xs, ys, lw=1, label=label)
+    for ax, key, title in zip(axes, SEARCH_KEYS, ("Lagrange multiplier mu", "temperature",
+                                                  "E[BOPs] / budget")):
+        ax.set_title(title)
+        ax.set_xlabel("search step")
+        ax.grid(True, alpha=0.3)
+    axes[2].axhline(1.0, color="black", lw=0.8, ls="--")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

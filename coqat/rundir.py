@@ -1,0 +1,202 @@
+"""Run directories: the one on-disk layout every command writes and every report reads.
+
+::
+
+    runs/<name>-<YYYYmmdd-HHMMSS>/
+      config.json          resolved configuration (space as parsed, options, schedule)
+      bitconfig.json       the per-layer bits (schema coqat.bitconfig/v1) with MACs/BOPs
+      metrics.jsonl        one JSON object per logged train step / evaluation / search step
+      final.json           final metrics; present only when the run finished
+      env.json             versions of coqat, torch, python, device
+      model.safetensors    final weights (state_dict of the float/quantized model: same keys)
+      qparams.safetensors  derived quantizer state for deployers (weight steps, blocks)
+      checkpoints/last.pt  resumable state, loadable with torch.load(weights_only=True)
+
+Every JSON file is written atomically (temp file + rename), so a reader never sees half a
+file. ``metrics.jsonl`` is append-only; a torn last line (a kill mid-write) is skipped when
+read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from coqat.errors import CoqatError
+from coqat.util import atomic_write_bytes, atomic_write_json, read_json
+
+CONFIG = "config.json"
+BITCONFIG = "bitconfig.json"
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+ENV = "env.json"
+WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoints/last.pt"
+#: the manifest of a frontier sweep directory (``coqat.sweep.frontier``)
+FRONTIER_MANIFEST = "frontier.json"
+
+
+class RunDir:
+    """A run directory on disk (existing or new)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ----- creation -------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | os.PathLike, name: str) -> "RunDir":
+        root = Path(root)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for i in range(1000):
+                path = root / (f"{name}-{stamp}" + (f"-{i}" if i else ""))
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            else:  # pragma: no cover - a thousand runs in one second
+                raise CoqatError(f"cannot find a free run name under {root}")
+            probe = path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except PermissionError:
+            raise CoqatError(f"output directory {root} is not writable; pass --out DIR"
+                             " pointing to a writable place") from None
+        except OSError as e:
+            raise CoqatError(f"cannot create a run under {root} ({e.strerror}); pass --out DIR"
+                             " pointing to a writable place") from None
+        return cls(path)
+
+    @classmethod
+    def create_at(cls, path: str | os.PathLike) -> "RunDir":
+        """A new run directory exactly at ``path`` (which must not exist yet)."""
+        p = Path(path)
+        if p.exists():
+            raise CoqatError(f"{p} already exists; a new run needs a new directory")
+        p.parent.mkdir(parents=True, exist_ok=True)  # OS errors: the CLI's one-line message
+        p.mkdir()
+        return cls(p)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "RunDir":
+        p = Path(path)
+        if not p.is_dir():
+            raise CoqatError(f"run directory {p} does not exist")
+        if not (p / CONFIG).is_file():
+            raise CoqatError(f"{p} is not a coqat run directory (no {CONFIG}); pass a directory"
+                             " made by coqat train / search")
+        return cls(p)
+
+    # ----- files ------------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return atomic_write_json(self.path / name, obj)
+
+    def read_json(self, name: str) -> Any:
+        return read_json(self.path / name, f"the run's {name}",
+                         "the run directory is incomplete or damaged: rerun it")
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    @property
+    def finished(self) -> bool:
+        return self.has(FINAL)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one metrics record (one JSON line)."""
+        line = json.dumps(record, default=_json_default) + "\n"
+        with open(self.path / METRICS, "a") as f:
+            f.write(line)
+
+    def metrics(self, kind: str | None = None) -> Iterator[dict[str, Any]]:
+        p = self.path / METRICS
+        if not p.is_file():
+            return iter(())
+        return _read_jsonl(p, kind)
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """On resume: drop records logged after the checkpoint's step (they will be redone)."""
+        p = self.path / METRICS
+        if not p.is_file():
+            return
+        keep = [r for r in _read_jsonl(p, None) if r.get("step", -1) < step]
+        atomic_write_bytes(p, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+    # ----- checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> Path:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return atomic_write_bytes(self.path / CHECKPOINT, buf.getvalue())
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The last checkpoint, or None when the run has none yet. Loads without executing
+        code (``weights_only=True``); a damaged file is a one-line error."""
+        p = self.path / CHECKPOINT
+        if not p.is_file():
+            return None
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad file
+            raise CoqatError(
+                f"checkpoint {p} is corrupt or unreadable ({type(e).__name__}); delete it to"
+                " restart the run from scratch") from None
+
+    def save_weights(self, state_dict: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> Path:
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        return atomic_write_bytes(self.path / WEIGHTS, save(tensors, metadata=metadata))
+
+    def load_weights(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        p = self.path / WEIGHTS
+        if not p.is_file():
+            raise CoqatError(f"{p} is missing; the run has not finished (resume it with"
+                             f" coqat train --resume {self.path})")
+        try:
+            return load_file(str(p))
+        except Exception as e:
+            raise CoqatError(f"weights file {p} is unreadable ({type(e).__name__});"
+                             " the run directory is damaged") from None
+
+
+def _read_jsonl(p: Path, kind: str | None) -> Iterator[dict[str, Any]]:
+    with open(p) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn last line after a kill
+            if kind is None or rec.get("kind") == kind:
+                yield rec
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,5 +1,0 @@
-"""The one training loop (FP / search / QAT phases), run directories, resume, DDP."""
-
-from coqat.train.loop import StepContext, TrainHooks, build_optimizer, train
-
-__all__ = ["StepContext", "TrainHooks", "build_optimizer", "train"]
