@@ -234,7 +234,7 @@ def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str
     from coqat.search import GumbelSearch, SearchProblem, SearchSettings, to_search_model
     from coqat.train.loop import build_optimizer
     from coqat.train.runner import TrainOptions, prepare
-    from common import machine_info
+    from common import command_line, machine_info
 
     torch.set_num_threads(threads)
     prep = prepare(space, TrainOptions(progress=False))
@@ -289,7 +289,7 @@ def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str
            "arch_step_over_qat": med["search_arch"] / med["qat_w4a4"],
            "target": "search step <= 1.5 x QAT step",
            "passed": amortised <= 1.5 * med["qat_w4a4"],
-           "command": _command(), "machine": machine_info()}
+           "command": command_line(), "machine": machine_info()}
     report_dir.mkdir(parents=True, exist_ok=True)
     from coqat.util import atomic_write_json
 
@@ -380,12 +380,12 @@ def derive_gaps(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_report(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
-    from common import machine_info
+    from common import command_line, machine_info
     from coqat.util import atomic_write_json, atomic_write_text
 
     report_dir.mkdir(parents=True, exist_ok=True)
     a = analyse(cfg, out)
-    doc = {"config": {k: v for k, v in cfg.items()}, "analysis": a, "command": _command(),
+    doc = {"config": {k: v for k, v in cfg.items()}, "analysis": a, "command": command_line(),
            "machine": machine_info()}
     atomic_write_json(report_dir / "results.json", doc)
     _plot(a, cfg, report_dir / "search_vs_uniform.png")
@@ -502,10 +502,6 @@ def _plot(a: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _command() -> str:
-    return "python benchmarks/search_vs_uniform.py " + " ".join(sys.argv[1:])
 
 
 # ------------------------------------------------------------------------------------------

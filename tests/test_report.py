@@ -89,7 +89,7 @@ def test_paired_difference_to_the_best_uniform_config_under_the_budget():
     w4 = compare_with_uniform(rep, by["gumbel", "w4a4"])
     assert w4.baseline is by["uniform", "w4a4"] and w4.paired.verdict() == "noise"
     assert compare_with_uniform(rep, by["uniform", "w4a4"]) is None
-    text = noise_statement([c, w4])
+    text = noise_statement(rep)
     assert "beyond seed noise" in text and "gumbel w3a3" in text
     assert "Not distinguishable from seed noise" in text and "gumbel w4a4" in text
 
@@ -101,7 +101,10 @@ def test_one_seed_says_it_has_no_uncertainty_estimate():
                   + _cell("gumbel", "w4a4", [1.9], 99, 100))
     (c,) = comparisons(rep)
     assert c.paired.verdict() == "1 seed" and c.paired.p_t is None
-    assert noise_statement([c]).startswith("1 seed: no uncertainty estimate")
+    assert noise_statement(rep).startswith("1 seed: no uncertainty estimate")
+    alone = _report(_cell("gumbel", "w4a4", [1.9], 99, 100))      # no uniform run to pair with
+    assert comparisons(alone) == []
+    assert noise_statement(alone).startswith("1 seed: no uncertainty estimate")
 
 
 def _fake_run(path, final, config=None):
@@ -247,6 +250,7 @@ def test_single_run_report_has_the_per_layer_table(runs_dir, tmp_path):
     out = json.loads(run_cli("report", str(one), "--no-html", "--json").stdout)
     assert [r["name"] for r in out["layers"]] == ["conv1", "conv2", "fc"]
     assert abs(sum(r["macs_share"] for r in out["layers"]) - 1) < 1e-9
+    assert out["noise_statement"].startswith("1 seed: no uncertainty estimate")
 
 
 def test_html_report_is_self_contained_with_png_copies(runs_dir, tmp_path):

@@ -265,13 +265,18 @@ def comparisons(report: Report) -> list[UniformComparison]:
     return [c for g in report.groups if (c := compare_with_uniform(report, g)) is not None]
 
 
-def noise_statement(cmps: list[UniformComparison], alpha: float = ALPHA) -> str:
-    """Plain words for the whole report: which cells differ from uniform beyond seed noise."""
+def noise_statement(report: Report, cmps: list[UniformComparison] | None = None,
+                    alpha: float = ALPHA) -> str:
+    """Plain words for the whole report: which cells differ from uniform beyond seed noise
+    (``cmps``: the report's ``comparisons``, when already computed)."""
+    cmps = comparisons(report) if cmps is None else cmps
+    cells = [g for g in report.groups if g.method != "fp"]
+    if all(g.n <= 1 for g in cells) and all(c.paired.n <= 1 for c in cmps):
+        return ("1 seed: no uncertainty estimate. A difference between configurations from"
+                " one seed cannot be told from seed noise; run several seeds.")
     if not cmps:
-        return ""
-    if all(c.paired.n <= 1 for c in cmps):
-        return ("1 seed: no uncertainty estimate. A difference to uniform precision from one"
-                " seed cannot be told from seed noise; run several seeds.")
+        return ("No searched configuration to compare with uniform precision: every cell is"
+                " uniform or FP.")
     by: dict[str, list[str]] = {}
     for c in cmps:
         by.setdefault(c.paired.verdict(alpha), []).append(
@@ -373,7 +378,7 @@ def to_json(report: Report) -> dict[str, Any]:
                     "vs_uniform": uniform_delta(report, g),
                     "vs_best_uniform": cmps[id(g)].to_dict() if id(g) in cmps else None}
                    for i, g in enumerate(report.groups)],
-        "noise_statement": noise_statement(list(cmps.values())),
+        "noise_statement": noise_statement(report, list(cmps.values())),
         "fp_reference": report.fp.to_dict() if report.fp else None,
         "pareto_front": [p.run_dir for p in report.front],
         "conventions": _saved(report, "conventions", lambda: conventions(report)),
@@ -476,7 +481,8 @@ def print_terminal(report: Report, console) -> None:
         for row in _paired_rows(cmps):
             pt.add_row(*[row[i] for i in keep])
         console.print(pt)
-        console.print(noise_statement(cmps) + "\n", markup=False, highlight=False)
+
+    console.print(noise_statement(report, cmps) + "\n", markup=False, highlight=False)
 
     if report.single:
         p = report.points[0]
@@ -617,13 +623,10 @@ def write_html(report: Report, out_dir: str | Path | None = None) -> dict[str, P
 
     frontier_rows, dominated = _frontier_rows(report, ("Pareto", "dominated"))
     cmps = comparisons(report)
+    paired = [f"<p class='noise'>{html.escape(noise_statement(report, cmps))}</p>"]
     if cmps:
-        paired = [f"<p class='noise'>{html.escape(noise_statement(cmps))}</p>",
-                  _table(PAIRED_HEADERS, _paired_rows(cmps)),
-                  f"<p class='dim'>{html.escape(PAIRED_NOTE)}</p>"]
-    else:
-        paired = ["<p class='noise'>No searched configuration to compare: every cell is uniform"
-                  " precision or FP.</p>"]
+        paired += [_table(PAIRED_HEADERS, _paired_rows(cmps)),
+                   f"<p class='dim'>{html.escape(PAIRED_NOTE)}</p>"]
     conv = _saved(report, "conventions", lambda: conventions(report))
     conv_rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in conv.items()]
     rebuilt = (f" · rebuilt from {html.escape(report.source.name)}"
