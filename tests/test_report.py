@@ -107,6 +107,22 @@ def test_one_seed_says_it_has_no_uncertainty_estimate():
     assert noise_statement(alone).startswith("1 seed: no uncertainty estimate")
 
 
+def test_noise_statement_names_worse_cells_with_their_p_and_cells_without_common_seeds():
+    from dataclasses import replace
+
+    from coqat.report.build import comparisons, noise_statement
+
+    unpaired = [replace(p, seed=p.seed + 10) for p in _cell("random", "w4a4", [1.0, 1.1], 98, 100)]
+    rep = _report(_cell("uniform", "w4a4", [1.0, 1.1, 0.9, 1.05], 100, 100, "w4a4")
+                  + _cell("gumbel", "w4a4", [1.3, 1.4, 1.2, 1.33], 99, 100) + unpaired)
+    by = {c.group.method: c.paired for c in comparisons(rep)}
+    assert by["gumbel"].verdict() == "worse" and by["random"].verdict() == "no seeds"
+    text = noise_statement(rep)
+    assert f"Worse than uniform beyond seed noise: gumbel w4a4 (p = {by['gumbel'].p_t_worse:.2g})" \
+        in text and by["gumbel"].p_t_worse < 0.05
+    assert "No seed in common with the uniform baseline" in text and "random w4a4" in text
+
+
 def _fake_run(path, final, config=None):
     """A finished run directory as the report reads it (config.json + final.json)."""
     path.mkdir(parents=True)

@@ -271,7 +271,7 @@ def noise_statement(report: Report, cmps: list[UniformComparison] | None = None,
     (``cmps``: the report's ``comparisons``, when already computed)."""
     cmps = comparisons(report) if cmps is None else cmps
     cells = [g for g in report.groups if g.method != "fp"]
-    if all(g.n <= 1 for g in cells) and all(c.paired.n <= 1 for c in cmps):
+    if cells and all(g.n <= 1 for g in cells) and all(c.paired.n <= 1 for c in cmps):
         return ("1 seed: no uncertainty estimate. A difference between configurations from"
                 " one seed cannot be told from seed noise; run several seeds.")
     if not cmps:
@@ -279,10 +279,10 @@ def noise_statement(report: Report, cmps: list[UniformComparison] | None = None,
                 " uniform or FP.")
     by: dict[str, list[str]] = {}
     for c in cmps:
-        by.setdefault(c.paired.verdict(alpha), []).append(
-            f"{c.group.method} {c.group.budget}"
-            + (f" (p = {c.paired.p_t:.2g})" if c.paired.verdict(alpha) in ("better", "worse")
-               else ""))
+        verdict = c.paired.verdict(alpha)
+        p = {"better": c.paired.p_t, "worse": c.paired.p_t_worse}.get(verdict)
+        by.setdefault(verdict, []).append(f"{c.group.method} {c.group.budget}"
+                                          + ("" if p is None else f" (p = {p:.2g})"))
     tested = sum(len(by.get(k, [])) for k in ("better", "worse", "noise"))
     parts = []
     if by.get("better"):
@@ -298,6 +298,9 @@ def noise_statement(report: Report, cmps: list[UniformComparison] | None = None,
                      + ", ".join(by["identical"]) + ".")
     if by.get("1 seed"):
         parts.append("1 seed, no uncertainty estimate: " + ", ".join(by["1 seed"]) + ".")
+    if by.get("no seeds"):
+        parts.append("No seed in common with the uniform baseline, no paired comparison: "
+                     + ", ".join(by["no seeds"]) + ".")
     if tested > 1:
         parts.append(f"Each of the {tested} cells tested passes by chance with probability"
                      f" {alpha:g}: expect about {alpha * tested:.2g} chance passes in all.")
