@@ -45,15 +45,16 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shlex
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from common import machine_info
+from coqat.reporting.stats import (gap_closed_of_means, gap_shares, pair_by_seed,
+                                paired_difference, seed_summary, standard_error)
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("compare", "fusion", "sweep", "lambda")
@@ -308,11 +309,7 @@ def _metric(results: dict[str, dict], spec: RunSpec) -> float | None:
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"n": 0}
-    return {"n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "values": values}
+    return seed_summary(values).to_dict(with_values=True)
 
 
 def analyse(specs: list[RunSpec], results: dict[str, dict], seeds: int,
@@ -338,23 +335,19 @@ def analyse(specs: list[RunSpec], results: dict[str, dict], seeds: int,
                                   "per_seed": per_seed}
     gaps: dict[str, Any] = {}
     for bits in COMPARE_BITS:
-        q = cmp[f"quest {bits}"]["per_seed"]
+        q = cmp[f"quest {bits}"]
         for m in ("cage-d", "cage-c"):
-            c = cmp[f"{m} {bits}"]["per_seed"]
-            shares, deltas = [], []
-            for seed in range(seeds):
-                if None in (q.get(seed), c.get(seed), fp.get(seed)):
-                    continue
-                deltas.append(q[seed] - c[seed])           # > 0: CAGE better
-                gap = q[seed] - fp[seed]
-                if gap > 0:
-                    shares.append(deltas[-1] / gap)
-            entry = {"improvement": _stats(deltas), "gap_closed": _stats(shares),
-                     "wins": sum(d > 0 for d in deltas), "seeds": len(deltas)}
-            qm, cm, fm = (cmp[f"quest {bits}"].get("mean"), cmp[f"{m} {bits}"].get("mean"),
-                          cmp["fp"].get("mean"))
-            if None not in (qm, cm, fm) and qm != fm:
-                entry["gap_closed_of_means"] = (qm - cm) / (qm - fm)
+            c = cmp[f"{m} {bits}"]
+            # seeds with all three runs; the LM losses are lower-is-better
+            _, (cv, qv, fv) = pair_by_seed(c["per_seed"], q["per_seed"], fp)
+            pd = paired_difference(cv, qv, higher_is_better=False)   # > 0: CAGE better
+            entry = {"improvement": _stats(list(pd.differences)),
+                     "gap_closed": _stats(gap_shares(qv, cv, fv, higher_is_better=False)),
+                     "wins": pd.wins, "seeds": pd.n}
+            of_means = gap_closed_of_means(q.get("mean"), c.get("mean"), cmp["fp"].get("mean"),
+                                           higher_is_better=False)
+            if of_means is not None:
+                entry["gap_closed_of_means"] = of_means
             gaps[f"{m} {bits}"] = entry
     cmp["gap"] = gaps
     w3_vs_w4 = {}
@@ -362,12 +355,11 @@ def analyse(specs: list[RunSpec], results: dict[str, dict], seeds: int,
     for m in ("cage-d", "cage-c"):
         c3 = cmp[f"{m} w3a3"]
         if c3.get("n") and qw4.get("n"):
+            pd = paired_difference(*pair_by_seed(c3["per_seed"], qw4["per_seed"])[1],
+                                   higher_is_better=False)
             w3_vs_w4[m] = {"cage_w3a3": c3["mean"], "quest_w4a4": qw4["mean"],
                            "holds": c3["mean"] <= qw4["mean"],
-                           "seeds_holding": sum(
-                               1 for sd, v in c3["per_seed"].items()
-                               if v is not None and qw4["per_seed"].get(sd) is not None
-                               and v <= qw4["per_seed"][sd])}
+                           "seeds_holding": pd.wins + pd.ties}
     cmp["cage_w3a3_vs_quest_w4a4"] = w3_vs_w4
     out["compare"] = cmp
 
@@ -432,35 +424,6 @@ def pull_curves(space_dir: Path, keys: Iterable[str]) -> dict[str, list[tuple[in
 # ------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------
-def machine_info(device: str) -> dict[str, Any]:
-    from coqat.util import environment_info
-
-    info = dict(environment_info())
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in
-                   Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown"
-    info["cpu_model"] = cpu
-    info["cpu_count"] = os.cpu_count()
-    if device == "cuda":
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["gpu_count"] = torch.cuda.device_count()
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-            timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        info["git_dirty"] = bool(dirty)
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
-    return info
-
-
 def describe_setup(common: Common, workers: int) -> dict[str, Any]:
     """Budget, model size, optimizer settings and corpus of the benchmark's runs (built once:
     it constructs the model on the CPU)."""
@@ -555,7 +518,9 @@ def render_space(doc: dict[str, Any], plots: dict[str, str], notes: str | None =
     n_ok = sum(r["status"] == "ok" for r in doc["runs"])
     val_bytes = (su["corpus"].get("split_bytes") or {}).get("val", 0)
     lines = [f"## {doc['space']}", ""]
-    dev = m.get("gpu") or f"{m.get('cpu_model')} ({m.get('cpu_count')} CPU threads)"
+    # results written before the benchmarks shared common.machine_info name the CPU cpu_model
+    cpu = m.get("cpu_model") or m.get("cpu")
+    dev = m.get("gpu") or f"{cpu} ({m.get('cpu_count')} CPU threads)"
     lines += [
         f"- **Command:** `{doc['command']}`",
         f"- **Machine:** {dev}; device `{su['device']}`, {su['workers']} runs in parallel,"
@@ -679,7 +644,7 @@ def verdict_lines(cmp: dict[str, Any], lam: dict[str, Any]) -> list[str]:
         imp = g["improvement"]
         if not imp.get("n"):
             continue
-        se = imp["std"] / math.sqrt(imp["n"]) if imp["n"] > 1 else float("inf")
+        se = standard_error(imp["std"], imp["n"])
         clear = imp["mean"] > 0 and g["wins"] == g["seeds"] and imp["mean"] > 2 * se
         if clear:
             word = "beats QuEST on every seed"

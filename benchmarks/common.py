@@ -74,14 +74,32 @@ def run_grid(jobs: Sequence[Job], out: str | os.PathLike, workers: int = 1,
     return [results[j.key] for j in jobs]
 
 
-def machine_info() -> dict[str, Any]:
-    """Where a benchmark ran: written next to every committed result."""
+def machine_info(device: str | None = None) -> dict[str, Any]:
+    """Where a benchmark ran: written next to every committed result (with the GPU when
+    ``device`` is cuda, and the git commit so a number can be traced to its code)."""
+    import subprocess
+
     from coqat.util import environment_info
 
     info = environment_info()
     info["cpu"] = _cpu_name()
     info["cpu_count"] = os.cpu_count()
     info["python_impl"] = platform.python_implementation()
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = torch.cuda.device_count()
+    try:
+        git = ["git", "-C", str(ROOT)]
+        info["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True,
+                                            text=True, timeout=10).stdout.strip() or None
+        info["git_dirty"] = bool(subprocess.run(git + ["status", "--porcelain"],
+                                                capture_output=True, text=True,
+                                                timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
     return info
 
 

@@ -50,6 +50,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from coqat.reporting.stats import (config_distance, gap_closed_of_means, gap_shares,  # noqa: E402
+                                pair_by_seed, paired_difference, seed_summary)
 HALFWAY = "w4a4+0.5*(w8a8-w4a4)"
 METHODS = ("uniform", "random", "gumbel", "optuna")
 
@@ -232,7 +234,7 @@ def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str
     from coqat.bitsearch import GumbelSearch, SearchProblem, SearchSettings, to_search_model
     from coqat.training.loop import build_optimizer
     from coqat.training.runner import TrainOptions, prepare
-    from common import machine_info
+    from common import command_line, machine_info
 
     torch.set_num_threads(threads)
     prep = prepare(space, TrainOptions(progress=False))
@@ -287,7 +289,7 @@ def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str
            "arch_step_over_qat": med["search_arch"] / med["qat_w4a4"],
            "target": "search step <= 1.5 x QAT step",
            "passed": amortised <= 1.5 * med["qat_w4a4"],
-           "command": _command(), "machine": machine_info()}
+           "command": command_line(), "machine": machine_info()}
     report_dir.mkdir(parents=True, exist_ok=True)
     from coqat.util import atomic_write_json
 
@@ -299,21 +301,6 @@ def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str
 
 # ------------------------------------------------------------------------------------------
 # report
-def _stats(xs: list[float]) -> dict[str, Any]:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return {"n": 0}
-    return {"n": len(xs), "mean": statistics.fmean(xs),
-            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "min": min(xs), "max": max(xs)}
-
-
-def _hamming(configs: list[dict[str, str]]) -> float | None:
-    pairs = list(itertools.combinations(configs, 2))
-    if not pairs:
-        return None
-    return statistics.fmean(sum(a[n] != b[n] for n in a) for a, b in pairs)
-
-
 def _methods_found(out: Path, budget: str) -> list[str]:
     """METHODS, then any tagged variants (gumbel-<tag>) that have results for ``budget``."""
     from coqat.bitsearch.pipeline import _slug
@@ -321,6 +308,10 @@ def _methods_found(out: Path, budget: str) -> list[str]:
     tail = f"-{_slug(budget)}-s"
     found = {p.name.split(tail)[0] for p in (out / "results").glob(f"*{tail}*.json")}
     return list(METHODS) + sorted(found - set(METHODS))
+
+
+def _stats(xs) -> dict[str, Any]:
+    return seed_summary(xs).to_dict()
 
 
 def analyse(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -343,7 +334,8 @@ def analyse(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                 "searchable_over_budget": _stats([r["searchable_over_budget"]
                                                   for r in res.values()]),
                 "gbops": _stats([r["achieved_bops"] / 1e9 for r in res.values()]),
-                "config_spread_layers": _hamming([r["layer_bits"] for r in res.values()]),
+                "config_spread_layers": config_distance([r["layer_bits"]
+                                                         for r in res.values()]),
                 "n_layers": len(next(iter(res.values()))["layer_bits"]),
                 "bits": {s: r["bits_histogram"] for s, r in res.items()},
                 "search_wall_s": _stats([r.get("search_phase_wall_s") or r.get("search_wall_s")
@@ -368,40 +360,32 @@ def derive_gaps(a: dict[str, Any]) -> dict[str, Any]:
     the same from the means, or None when uniform's mean is not worse than FP's.
     Works on a fresh analysis and on one read back from results.json (string seed keys).
     """
-    sign = -1.0 if a.get("higher_is_better") else 1.0      # > 0 means "better" below
-    fp = {str(s): v for s, v in a.get("fp_per_seed", {}).items()}
+    hib = bool(a.get("higher_is_better"))
+    fp = a.get("fp_per_seed", {})
     for row in a["rows"]:
         uni = next((x for x in a["rows"] if x["budget"] == row["budget"]
                     and x["method"] == "uniform"), None)
         if uni is None:
             continue
-        u_seed = {str(s): v for s, v in uni["per_seed"].items()}
-        better, shares = [], []
-        for seed, v in row["per_seed"].items():
-            u = u_seed.get(str(seed))
-            if u is None or v is None:
-                continue
-            better.append(sign * (u - v))
-            f = fp.get(str(seed))
-            if f is not None and sign * (u - f) > 0:
-                shares.append((u - v) / (u - f))
-        row["better_than_uniform"] = _stats(better)
+        _, (v, u) = pair_by_seed(row["per_seed"], uni["per_seed"])
+        _, (v3, u3, f3) = pair_by_seed(row["per_seed"], uni["per_seed"], fp)
+        shares = gap_shares(u3, v3, f3, hib)
+        row["better_than_uniform"] = _stats(paired_difference(v, u, hib).differences)
         row["gap_closed_paired"] = _stats(shares)
         row["gap_seeds"] = len(shares)
-        gap = sign * (uni["metric"].get("mean", 0) - a["fp"].get("mean", 0)) \
-            if a["fp"].get("n") and uni["metric"].get("n") else 0.0
-        row["gap_closed_of_means"] = (uni["metric"]["mean"] - row["metric"]["mean"]) / \
-            (uni["metric"]["mean"] - a["fp"]["mean"]) if gap > 0 and row["metric"]["n"] else None
+        row["gap_closed_of_means"] = gap_closed_of_means(
+            uni["metric"].get("mean") if a["fp"].get("n") else None,
+            row["metric"].get("mean"), a["fp"].get("mean"), hib)
     return a
 
 
 def write_report(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
-    from common import machine_info
+    from common import command_line, machine_info
     from coqat.util import atomic_write_json, atomic_write_text
 
     report_dir.mkdir(parents=True, exist_ok=True)
     a = analyse(cfg, out)
-    doc = {"config": {k: v for k, v in cfg.items()}, "analysis": a, "command": _command(),
+    doc = {"config": {k: v for k, v in cfg.items()}, "analysis": a, "command": command_line(),
            "machine": machine_info()}
     atomic_write_json(report_dir / "results.json", doc)
     _plot(a, cfg, report_dir / "search_vs_uniform.png")
@@ -463,10 +447,11 @@ def _markdown(a: dict[str, Any], cfg: dict[str, Any]) -> str:
         u = next((x for x in a["rows"] if x["budget"] == r["budget"]
                   and x["method"] == "uniform"), None)
         vals = {int(k): v for k, v in r["per_seed"].items()}
-        u_vals = {} if u is None else {int(k): v for k, v in u["per_seed"].items()}
-        wins = "-" if u is None or r["method"] == "uniform" else \
-            f"{sum(1 for s, v in vals.items() if s in u_vals and _better(v, u_vals[s], a))}" \
-            f" of {sum(1 for s in vals if s in u_vals)}"
+        wins = "-"
+        if u is not None and r["method"] != "uniform":
+            _, (v, uv) = pair_by_seed(r["per_seed"], u["per_seed"])
+            pd = paired_difference(v, uv, bool(a.get("higher_is_better")))
+            wins = f"{pd.wins} of {pd.n}"
         lines.append(f"| {r['budget']} | {r['method']} | "
                      + " | ".join("-" if s not in vals else f"{vals[s]:.4f}" for s in seeds)
                      + f" | {wins} |")
@@ -480,10 +465,6 @@ def _markdown(a: dict[str, Any], cfg: dict[str, Any]) -> str:
             lines.append(f"- {r['budget']} {r['method']} seed {s}: "
                          + ", ".join(f"{k}×{v}" for k, v in sorted(h.items())))
     return "\n".join(lines) + "\n"
-
-
-def _better(v: float, u: float, a: dict[str, Any]) -> bool:
-    return v > u if a.get("higher_is_better") else v < u
 
 
 def _plot(a: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
@@ -521,10 +502,6 @@ def _plot(a: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _command() -> str:
-    return "python benchmarks/search_vs_uniform.py " + " ".join(sys.argv[1:])
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,13 +16,13 @@ width never beats a higher one), and W8A8 is within 1% of FP.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Job, command_line, machine_info, run_grid, write_json  # noqa: E402
+from coqat.reporting.stats import SeedSummary, ordering_inversions, seed_summary  # noqa: E402
 
 BITS = ["fp", "w8a8", "w6a6", "w4a4", "w3a3", "w2a2"]
 
@@ -64,11 +64,10 @@ def summarize(results, space, bits):
     for b in bits:
         # the bits asked for (a run's own label says 'mixed' when the space pins layers)
         rs = [r for r in results if r["space"] == space and r["job_options"]["bits"] == b]
-        vals = [r["metric"] for r in rs]
+        st = seed_summary(r["metric"] for r in rs)
         rows.append({
             "bits": b, "gbops": rs[0]["bops"] / 1e9, "frac_fp32": rs[0]["bops_fraction_of_fp32"],
-            "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "n": len(vals), "metric_name": rs[0]["metric_name"],
+            "mean": st.mean, "std": st.sd, "n": st.n, "metric_name": rs[0]["metric_name"],
             "higher_is_better": rs[0]["higher_is_better"], "steps": rs[0]["steps"],
             "wall_s": statistics.fmean(r["wall_s"] for r in rs)})
     return rows
@@ -82,14 +81,10 @@ def checks(rows):
     the difference and its standard error (Welch, over seeds), so a reader can tell an
     inversion from seed noise.
     """
-    hib = rows[0]["higher_is_better"]
-    inversions = []
-    for hi, lo in zip(rows, rows[1:]):
-        gain = (lo["mean"] - hi["mean"]) if hib else (hi["mean"] - lo["mean"])
-        if gain > 0:
-            se = math.sqrt(hi["std"] ** 2 / hi["n"] + lo["std"] ** 2 / lo["n"])
-            inversions.append({"higher": hi["bits"], "lower": lo["bits"], "by": gain,
-                               "se": se, "within_2se": gain <= 2 * se})
+    cells = [(r["bits"], SeedSummary(r["n"], r["mean"], r["std"])) for r in rows]
+    inversions = [{"higher": v.expected_better, "lower": v.expected_worse, "by": v.by,
+                   "se": v.se, "within_2se": v.within_2se}
+                  for v in ordering_inversions(cells, rows[0]["higher_is_better"])]
     fp = next((r for r in rows if r["bits"] == "fp"), None)
     w8 = next((r for r in rows if r["bits"] == "w8a8"), None)
     within = None

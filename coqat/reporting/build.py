@@ -2,22 +2,80 @@
 
 The HTML page is self-contained and offline: plots are PNGs embedded as data URIs (the same
 PNG files are written next to it), tables are plain HTML, no script or CDN.
+
+Wherever a cell has several seeds, the report says how sure its comparison with uniform
+precision is: the per-seed paired difference to the best uniform config under the same
+budget, its standard error, a one-sided paired test and the wins per seed, and in words
+whether the difference stands out from seed noise (``coqat.reporting.stats``).
+
+A report can also be rebuilt from the ``report.json`` that ``coqat report --json`` printed
+(``build_report("…/report.json")``), e.g. for a committed report whose run directories are
+gone: tables, statistics and the frontier plot are redrawn from it; plots that need the runs'
+own files are kept from the earlier rendering when they are there.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coqat.reporting import plots
+from coqat.rundir import FINAL
 from coqat.reporting.runs import (FRONTIER_MANIFEST, Group, Point, group_dominated, group_points,
-                               load_points, pareto_front)
-from coqat.util import atomic_write_bytes, atomic_write_text
+                               load_point, load_points, pareto_front)
+from coqat.reporting.stats import (ALPHA, CostPoint, PairedDifference, SeedSummary, best_uniform,
+                                hull_value, pair_by_seed, paired_difference, seed_summary,
+                                uniform_hull)
+from coqat.util import atomic_write_bytes, atomic_write_text, read_json
+
+# where coqat.bitsearch caches a seed's FP phase, below its output folder (the name of
+# coqat.bitsearch.pipeline.FP_CACHE, not imported: report/ reads runs and must not need search/)
+FP_CACHE = ".fp-cache"
+
+
+@dataclass
+class FpReference:
+    """The full-precision reference: one metric per seed, at the FP32 cost.
+
+    Either FP runs among the report's own runs, or the FP phase that each search trained
+    (and cached) before quantizing: the same seed's starting point, so per seed it is the
+    natural reference for a quantized run of that seed.
+    """
+
+    per_seed: dict[int, float]
+    bops: int
+    steps: int | None
+    source: str
+
+    @property
+    def summary(self) -> SeedSummary:
+        return seed_summary(self.per_seed.values())
+
+    @property
+    def gbops(self) -> float:
+        return self.bops / 1e9
+
+    @property
+    def short(self) -> str:
+        """For a table's budget column: ``FP phase`` / ``FP runs``."""
+        return self.source.split(" of ")[0]
+
+    @property
+    def description(self) -> str:
+        steps = f", {self.steps} steps" if self.steps else ""
+        return f"{self.source} ({self.summary.n} seed{'s' * (self.summary.n != 1)}{steps})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "steps": self.steps, "bops": self.bops,
+                "gbops": self.gbops, **self.summary.to_dict(),
+                "per_seed": {str(k): v for k, v in self.per_seed.items()}}
 
 
 @dataclass
@@ -28,6 +86,10 @@ class Report:
     groups: list[Group]
     front: list[Point]
     manifest: dict[str, Any] = field(default_factory=dict)
+    fp: FpReference | None = None
+    # the report.json this report was rebuilt from (None: built from run directories)
+    saved: dict[str, Any] | None = None
+    source: Path | None = None
 
     @property
     def single(self) -> bool:
@@ -43,62 +105,216 @@ class Report:
 
 
 def build_report(root: str | Path) -> Report:
+    """The report of a run directory, a frontier or a folder of runs; or, given the path of
+    a ``report.json``, the report it was printed from."""
     root = Path(root)
+    if root.is_file() and root.suffix == ".json":
+        return report_from_json(root)
     points, unfinished = load_points(root)
     manifest = {}
     if (root / FRONTIER_MANIFEST).is_file():
-        manifest = json.loads((root / FRONTIER_MANIFEST).read_text())
+        manifest = read_json(root / FRONTIER_MANIFEST, "a sweep manifest",
+                             "rerun the coqat frontier command that made the sweep")
     groups = group_points(points)
-    return Report(root, points, unfinished, groups, pareto_front(points), manifest)
+    return Report(root, points, unfinished, groups, pareto_front(points), manifest,
+                  find_fp_reference(points, root))
+
+
+def report_from_json(path: str | Path) -> Report:
+    """A report rebuilt from the JSON ``to_json`` wrote (``coqat report --json``)."""
+    path = Path(path)
+    doc = read_json(path, "a coqat report", "pass a report.json written by coqat report --json")
+    names = {f.name for f in dataclasses.fields(Point)}
+    points = [Point(**{k: v for k, v in d.items() if k in names}) for d in doc["points"]]
+    fp = doc.get("fp_reference")
+    fp = None if not fp else FpReference({int(k): v for k, v in fp["per_seed"].items()},
+                                         fp["bops"], fp.get("steps"), fp["source"])
+    return Report(Path(doc["root"]), points, [Path(u) for u in doc.get("unfinished", [])],
+                  group_points(points), pareto_front(points), doc.get("manifest") or {}, fp,
+                  saved=doc, source=path)
+
+
+def find_fp_reference(points: list[Point], root: Path | None) -> FpReference | None:
+    """FP runs among ``points`` if there are any; else the FP phases the searches cached.
+
+    A cache is found where the search's final.json says, or under ``root/.fp-cache`` by its
+    name when the sweep has moved. None when two different FP phases claim one seed (runs
+    of different spaces or FP lengths in one folder): there is no single reference then.
+    """
+    fp_runs = [p for p in points if p.method == "fp"]
+    if fp_runs:
+        steps = {p.steps for p in fp_runs}
+        return FpReference({p.seed: p.metric for p in sorted(fp_runs, key=lambda p: p.seed)},
+                           fp_runs[0].bops, steps.pop() if len(steps) == 1 else None,
+                           "FP runs")
+    phases: dict[str, tuple[int, float, int | None, int]] = {}
+    for p in points:
+        info = p.extra.get("fp_phase")
+        if not info:
+            continue
+        cache = Path(info.get("cache") or "")
+        if not (cache / FINAL).is_file() and root is not None:
+            cache = root / FP_CACHE / cache.name
+        cp = load_point(cache) if info.get("cache") and (cache / FINAL).is_file() else None
+        if cp is not None:
+            phases[str(cache.resolve())] = (cp.seed, cp.metric, cp.steps, cp.bops)
+        elif info.get("metric") is not None:
+            phases[f"{p.seed}:{info.get('cache')}"] = (p.seed, float(info["metric"]), None,
+                                                      p.fp32_bops)
+    per_seed: dict[int, float] = {}
+    for seed, metric, _, _ in sorted(phases.values()):
+        if per_seed.get(seed, metric) != metric:
+            return None
+        per_seed[seed] = metric
+    if not per_seed:
+        return None
+    steps = {e[2] for e in phases.values()}
+    return FpReference(per_seed, max(e[3] for e in phases.values()),
+                       steps.pop() if len(steps) == 1 else None, "FP phase of the searches")
 
 
 # ----- derived tables ----------------------------------------------------------------------
-def uniform_delta(report: Report, g: Group) -> float | None:
-    """Metric difference to uniform precision (positive = better than uniform).
+def _budget_bops(g: Group) -> float:
+    """The budget a cell was run for (its runs' largest BOPs when it has none recorded)."""
+    budgets = [p.budget_bops for p in g.points if p.budget_bops]
+    return max(budgets) if budgets else max(p.bops for p in g.points)
 
-    The baseline is the uniform cell searched for the same budget (both meet it; the search
-    may land a little below it, the uniform config usually further below). A cell with no
-    uniform run at its budget is compared with the best uniform cell at no more BOPs.
-    """
-    if g.method == "uniform":
+
+def best_uniform_group(report: Report, g: Group) -> Group | None:
+    """The uniform baseline of a cell: the best uniform cell (mean over its seeds) among
+    those run for the same budget or fitting under it, over every (w, a) pair the report
+    holds (asymmetric ones included). None for uniform and FP cells, or with no uniform
+    cell that fits."""
+    if g.method in ("uniform", "fp"):
         return None
-    base = [u for u in report.groups if u.method == "uniform" and u.budget == g.budget]
-    if not base:
-        base = [u for u in report.groups
-                if u.method == "uniform" and u.gbops_mean <= g.gbops_mean * (1 + 1e-9)]
-    if not base:
+    budget = _budget_bops(g) * (1 + 1e-9)
+    uniform = [u for u in report.groups if u.method == "uniform"]
+    # a cell run for the same budget fits by construction, even where the cell itself has
+    # no budget recorded and landed below the uniform config's BOPs
+    fits = [CostPoint(max(p.bops for p in u.points), u.metric_mean, str(i))
+            for i, u in enumerate(uniform)
+            if u.budget == g.budget or max(p.bops for p in u.points) <= budget]
+    best = best_uniform(fits, math.inf, g.higher_is_better)
+    return None if best is None else uniform[int(best.label)]
+
+
+def uniform_delta(report: Report, g: Group) -> float | None:
+    """Metric difference of the means to the best uniform cell under the cell's budget
+    (``best_uniform_group``); positive = better than uniform."""
+    base = best_uniform_group(report, g)
+    if base is None:
         return None
-    best = (max if g.higher_is_better else min)(base, key=lambda u: u.metric_mean)
-    d = g.metric_mean - best.metric_mean
+    d = g.metric_mean - base.metric_mean
     return (d if g.higher_is_better else -d) + 0.0  # + 0.0 turns -0.0 into 0.0 (prints "+0")
+
+
+@dataclass
+class UniformComparison:
+    """One cell against its uniform baselines: the best uniform cell under its budget,
+    paired by seed, and the convex hull of the uniform means at the cell's BOPs."""
+
+    group: Group
+    baseline: Group
+    paired: PairedDifference
+    hull_metric: float | None
+
+    @property
+    def vs_hull(self) -> float | None:
+        """Mean metric better than the uniform hull at the cell's BOPs (> 0 = better)."""
+        if self.hull_metric is None:
+            return None
+        d = self.group.metric_mean - self.hull_metric
+        return (d if self.group.higher_is_better else -d) + 0.0     # -0.0 -> 0.0
+
+    @property
+    def baseline_bits(self) -> str:
+        return "/".join(sorted({p.bits for p in self.baseline.points}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": {"method": self.baseline.method, "budget": self.baseline.budget,
+                             "bits": self.baseline_bits,
+                             "metric_mean": self.baseline.metric_mean},
+                **self.paired.to_dict(), "uniform_hull_metric": self.hull_metric,
+                "vs_uniform_hull": self.vs_hull}
+
+
+def compare_with_uniform(report: Report, g: Group) -> UniformComparison | None:
+    base = best_uniform_group(report, g)
+    if base is None:
+        return None
+    mine = {p.seed: p.metric for p in g.points}
+    theirs = {p.seed: p.metric for p in base.points}
+    _, (a, b) = pair_by_seed(mine, theirs)
+    hull = uniform_hull([CostPoint(u.gbops_mean * 1e9, u.metric_mean)
+                         for u in report.groups if u.method == "uniform"], g.higher_is_better)
+    return UniformComparison(g, base, paired_difference(a, b, g.higher_is_better),
+                             hull_value(hull, g.gbops_mean * 1e9))
+
+
+def comparisons(report: Report) -> list[UniformComparison]:
+    return [c for g in report.groups if (c := compare_with_uniform(report, g)) is not None]
+
+
+def noise_statement(report: Report, cmps: list[UniformComparison] | None = None,
+                    alpha: float = ALPHA) -> str:
+    """Plain words for the whole report: which cells differ from uniform beyond seed noise
+    (``cmps``: the report's ``comparisons``, when already computed)."""
+    cmps = comparisons(report) if cmps is None else cmps
+    cells = [g for g in report.groups if g.method != "fp"]
+    if cells and all(g.n <= 1 for g in cells) and all(c.paired.n <= 1 for c in cmps):
+        return ("1 seed: no uncertainty estimate. A difference between configurations from"
+                " one seed cannot be told from seed noise; run several seeds.")
+    if not cmps:
+        return ("No searched configuration to compare with uniform precision: every cell is"
+                " uniform or FP.")
+    by: dict[str, list[str]] = {}
+    for c in cmps:
+        verdict = c.paired.verdict(alpha)
+        p = {"better": c.paired.p_t, "worse": c.paired.p_t_worse}.get(verdict)
+        by.setdefault(verdict, []).append(f"{c.group.method} {c.group.budget}"
+                                          + ("" if p is None else f" (p = {p:.2g})"))
+    tested = sum(len(by.get(k, [])) for k in ("better", "worse", "noise"))
+    parts = []
+    if by.get("better"):
+        parts.append("Better than the best uniform config beyond seed noise (one-sided paired"
+                     f" t-test, p < {alpha:g}): " + ", ".join(by["better"]) + ".")
+    if by.get("worse"):
+        parts.append(f"Worse than uniform beyond seed noise: {', '.join(by['worse'])}.")
+    if by.get("noise"):
+        parts.append(f"Not distinguishable from seed noise (p >= {alpha:g}): "
+                     + ", ".join(by["noise"]) + ".")
+    if by.get("identical"):
+        parts.append("Identical to uniform on every seed (the same configuration): "
+                     + ", ".join(by["identical"]) + ".")
+    if by.get("1 seed"):
+        parts.append("1 seed, no uncertainty estimate: " + ", ".join(by["1 seed"]) + ".")
+    if by.get("no seeds"):
+        parts.append("No seed in common with the uniform baseline, no paired comparison: "
+                     + ", ".join(by["no seeds"]) + ".")
+    if tested > 1:
+        parts.append(f"Each of the {tested} cells tested passes by chance with probability"
+                     f" {alpha:g}: expect about {alpha * tested:.2g} chance passes in all.")
+    return " ".join(parts)
 
 
 def layer_table(point: Point) -> list[dict[str, Any]]:
     """Per-layer bits, MACs share and BOPs share of one run (from its bitconfig.json)."""
-    f = Path(point.run_dir) / "bitconfig.json"
-    if not f.is_file():
+    cfg = plots._bitconfig(point)
+    if cfg is None or not cfg.costs:
         return []
-    doc = json.loads(f.read_text())
-    layers = doc.get("layers", {})
-    macs = sum(e.get("macs", 0) for e in layers.values()) or 1
-    bops = sum(e.get("bops", 0) for e in layers.values()) or 1
-    rows = []
-    for name, e in layers.items():
-        rows.append({"name": name, "op": e.get("op", ""),
-                     "w_bits": (e.get("weight") or {}).get("bits", 16),
-                     "a_bits": (e.get("input_act") or {}).get("bits", 16),
-                     "macs_share": e.get("macs", 0) / macs, "bops_share": e.get("bops", 0) / bops})
-    return rows
+    macs = sum(c.macs for c in cfg.costs.values()) or 1
+    bops = sum(c.bops for c in cfg.costs.values()) or 1
+    return [{"name": name, "op": cfg.costs[name].op, "w_bits": lb.w_bits, "a_bits": lb.a_bits,
+             "macs_share": cfg.costs[name].macs / macs, "bops_share": cfg.costs[name].bops / bops}
+            for name, lb in cfg.layers.items()]
 
 
 def conventions(report: Report) -> dict[str, Any]:
     for p in report.points:
-        f = Path(p.run_dir) / "bitconfig.json"
-        if f.is_file():
-            cost = json.loads(f.read_text()).get("cost", {})
-            if cost:
-                return {k: v for k, v in cost.items()
-                        if k not in ("total_bops", "budget_bops", "achieved_over_budget")}
+        cfg = plots._bitconfig(p)
+        if cfg is not None and cfg.cost_summary:
+            return {k: v for k, v in cfg.cost_summary.items()
+                    if k not in ("total_bops", "budget_bops", "achieved_over_budget")}
     return {}
 
 
@@ -116,8 +332,26 @@ def search_summary(point: Point) -> dict[str, Any]:
     return out
 
 
+def _saved(report: Report, key: str, compute):
+    """A derived table: from the saved report.json when rebuilt from one, else computed."""
+    if report.saved is not None and key in report.saved:
+        return report.saved[key]
+    return compute()
+
+
+def _layers(report: Report) -> list[dict[str, Any]]:
+    return _saved(report, "layers",
+                  lambda: layer_table(report.points[0]) if report.single else [])
+
+
+def _searches(report: Report) -> dict[str, dict[str, Any]]:
+    return _saved(report, "search", lambda: {p.run_dir: s for p in report.points
+                                             if (s := search_summary(p))})
+
+
 def to_json(report: Report) -> dict[str, Any]:
     dominated = group_dominated(report.groups)
+    cmps = {id(c.group): c for c in comparisons(report)}
     return {
         "root": str(report.root),
         "metric": report.metric_name,
@@ -126,13 +360,73 @@ def to_json(report: Report) -> dict[str, Any]:
         "points": [p.to_dict() for p in report.points],
         "unfinished": [str(u) for u in report.unfinished],
         "groups": [{**g.to_dict(), "dominated": i in dominated,
-                    "vs_uniform": uniform_delta(report, g)}
+                    "vs_uniform": uniform_delta(report, g),
+                    "vs_best_uniform": cmps[id(g)].to_dict() if id(g) in cmps else None}
                    for i, g in enumerate(report.groups)],
+        "noise_statement": noise_statement(report, list(cmps.values())),
+        "fp_reference": report.fp.to_dict() if report.fp else None,
         "pareto_front": [p.run_dir for p in report.front],
-        "conventions": conventions(report),
-        "layers": layer_table(report.points[0]) if report.single else [],
-        "search": {p.run_dir: s for p in report.points if (s := search_summary(p))},
+        "conventions": _saved(report, "conventions", lambda: conventions(report)),
+        "layers": _layers(report),
+        "search": _searches(report),
     }
+
+
+# ----- rows shared by the terminal and the HTML ---------------------------------------------------
+def _mean_sd(s: SeedSummary) -> str:
+    return f"{s.mean:.4f}" + (f" ± {s.sd:.4f}" if s.n > 1 else "")
+
+
+def _frontier_rows(report: Report, pareto: tuple[str, str]) -> tuple[list[list[str]], list[bool]]:
+    """method, budget, seeds, GBOPs, % FP32, metric, vs uniform, Pareto mark; and per row
+    whether it is dominated. The FP reference closes the table when it is not a cell."""
+    dominated = group_dominated(report.groups)
+    fp32 = report.points[0].fp32_bops or 1
+    rows, dom = [], []
+    for i, g in enumerate(report.groups):
+        d = uniform_delta(report, g)
+        rows.append([g.method, g.budget, str(g.n), f"{g.gbops_mean:.4f}",
+                     f"{100 * g.gbops_mean * 1e9 / fp32:.2f}",
+                     _mean_sd(seed_summary(p.metric for p in g.points)),
+                     "" if d is None else f"{d:+.4f}", pareto[i in dominated]])
+        dom.append(i in dominated)
+    fp = report.fp
+    if fp is not None and not any(g.method == "fp" for g in report.groups):
+        rows.append(["FP", fp.short, str(fp.summary.n),
+                     f"{fp.gbops:.4f}", f"{100 * fp.bops / fp32:.2f}", _mean_sd(fp.summary),
+                     "", ""])
+        dom.append(False)
+    return rows, dom
+
+
+PAIRED_HEADERS = ["method", "budget", "uniform", "n", "Δ", "s.e.",
+                  "p (t)", "p (W)", "wins", "vs hull", "verdict"]
+
+
+def _paired_rows(cmps: list[UniformComparison]) -> list[list[str]]:
+    def num(v: float | None, fmt: str) -> str:
+        # round first: a difference of -1e-17 between equal runs prints +0.0000, not -0.0000
+        return "–" if v is None else format(round(v, 6) + 0.0, fmt)
+
+    rows = []
+    for c in cmps:
+        pd = c.paired
+        rows.append([c.group.method, c.group.budget, c.baseline_bits, str(pd.n),
+                     num(pd.mean, "+.4f"), num(pd.se, ".4f"), num(pd.p_t, ".2g"),
+                     num(pd.p_wilcoxon, ".2g"),
+                     f"{pd.wins}/{pd.n}",
+                     num(c.vs_hull, "+.4f"), pd.verdict()])
+    return rows
+
+
+PAIRED_NOTE = (
+    "uniform: the best uniform config run for the same budget or fitting under it. n: seeds"
+    " both have. Δ: per seed, the cell's metric against that config's (the same seed shares"
+    " initialisation and data order), averaged; > 0 = better than uniform. s.e.: standard error of that mean."
+    " p (t): one-sided paired t-test that the cell is better; p (W): one-sided Wilcoxon"
+    " signed-rank test (it cannot go below 2^-n with n seeds). wins: seeds on which the cell"
+    " is better (ties: identical metric). vs hull: the cell's mean against the convex hull of the uniform means at its"
+    " BOPs. verdict: better / worse beyond seed noise at p < 0.05, or noise.")
 
 
 # ----- terminal ---------------------------------------------------------------------------------
@@ -149,38 +443,49 @@ def print_terminal(report: Report, console) -> None:
                + f"; space {', '.join(spaces)}; metric {name} ({better} is better)")
     console.print(Panel(summary, title="coqat report", expand=False))
 
-    dominated = group_dominated(report.groups)
     t = Table(title="frontier", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col, just in (("method", "left"), ("budget", "left"), ("seeds", "right"),
                       ("GBOPs", "right"), ("% FP32", "right"), (name, "right"),
                       ("vs uniform", "right"), ("Pareto", "center")):
         t.add_column(col, justify=just)
-    fp32 = report.points[0].fp32_bops or 1
-    for i, g in enumerate(report.groups):
-        spread = f" ± {g.metric_std:.4f}" if g.n > 1 else ""
-        d = uniform_delta(report, g)
-        t.add_row(g.method, g.budget, str(g.n), f"{g.gbops_mean:.3f}",
-                  f"{100 * g.gbops_mean * 1e9 / fp32:.2f}", f"{g.metric_mean:.4f}{spread}",
-                  "" if d is None else f"{d:+.4f}", "" if i in dominated else "✓")
+    for row in _frontier_rows(report, ("✓", ""))[0]:
+        t.add_row(*row)
     console.print(t)
+
+    cmps = comparisons(report)
+    if cmps:
+        pt = Table(title="paired by seed with the best uniform config under the budget"
+                         " (Δ > 0: better than uniform)",
+                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        # the hull column stays in the HTML and JSON: 100 columns hold the rest unwrapped
+        keep = [i for i, col in enumerate(PAIRED_HEADERS) if col != "vs hull"]
+        for i in keep:                    # a long budget expression wraps, nothing is cut
+            col = PAIRED_HEADERS[i]
+            pt.add_column(col, justify="left" if col in ("method", "budget") else "right",
+                          overflow="fold", no_wrap=col != "budget")
+        for row in _paired_rows(cmps):
+            pt.add_row(*[row[i] for i in keep])
+        console.print(pt)
+
+    console.print(noise_statement(report, cmps) + "\n", markup=False, highlight=False)
 
     if report.single:
         p = report.points[0]
-        rows = layer_table(p)
+        rows = _layers(report)
         if rows:
             lt = Table(title=f"per-layer bits ({p.bits})", title_justify="left",
                        box=box.SIMPLE_HEAD, pad_edge=False)
             for col in ("layer", "op", "bits", "% MACs", "% BOPs"):
                 lt.add_column(col, justify="left" if col in ("layer", "op") else "right")
-            for r in rows:
-                lt.add_row(r["name"], r["op"], f"w{r['w_bits']}a{r['a_bits']}",
-                           f"{100 * r['macs_share']:.1f}", f"{100 * r['bops_share']:.1f}")
+            for r in _layer_rows(rows):
+                lt.add_row(*r)
             console.print(lt)
     else:
         _print_layer_grid(report, console)
 
-    traces = [(p, search_summary(p)) for p in report.points]
-    traces = [(p, s) for p, s in traces if "mu" in s]   # points that ran a Gumbel search
+    searches = _searches(report)
+    traces = [(p, searches[p.run_dir]) for p in report.points
+              if "mu" in searches.get(p.run_dir, {})]      # points that ran a Gumbel search
     if traces:
         st = Table(title="search trace (last values)", title_justify="left",
                    box=box.SIMPLE_HEAD, pad_edge=False)
@@ -191,12 +496,17 @@ def print_terminal(report: Report, console) -> None:
                        _fmt(s.get("mu")), _fmt(s.get("tau")),
                        _fmt(s.get("e_bops_over_budget")), _fmt(s.get("achieved_over_budget")))
         console.print(st)
-    conv = conventions(report)
+    conv = _saved(report, "conventions", lambda: conventions(report))
     if conv:
         console.print(f"[dim]BOPs = {conv.get('formula', 'MACs*w_bits*a_bits')}, MACs by"
                       f" {conv.get('mac_counter', 'fvcore')}; FP32 reference 32x32; float"
                       f" {conv.get('float_bits', 16)} bits; attention"
                       f" {conv.get('attention_bits', 16)}x{conv.get('attention_bits', 16)}.[/dim]")
+
+
+def _layer_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [[r["name"], r["op"], f"w{r['w_bits']}a{r['a_bits']}",
+             f"{100 * r['macs_share']:.1f}", f"{100 * r['bops_share']:.1f}"] for r in rows]
 
 
 def _print_layer_grid(report: Report, console, max_cols: int = 6) -> None:
@@ -244,6 +554,7 @@ table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}td,th{border:1px 
 text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #eee}.dim{color:#666;font-size:.85rem}.dom{color:#999}
 code{background:#f4f4f4;padding:0 .2rem}
+.noise{font-weight:600;background:#fff8e1;border-left:4px solid #f0b400;padding:.5rem .75rem}
 """
 
 
@@ -263,50 +574,75 @@ def _table(headers: list[str], rows: list[list[Any]], classes: list[str] | None 
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _fp_line(fp: FpReference | None) -> tuple[str, SeedSummary] | None:
+    return None if fp is None else (f"{fp.short}, {fp.summary.n} seeds", fp.summary)
+
+
 def write_html(report: Report, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write report.html and its PNGs into ``out_dir`` (default: the report's root)."""
-    out = Path(out_dir) if out_dir else report.root
+    """Write report.html and its PNGs into ``out_dir`` (default: the report's root, or the
+    folder of the report.json it was rebuilt from)."""
+    out = Path(out_dir) if out_dir else (report.source.parent if report.source else report.root)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{', '.join(sorted({p.space for p in report.points}))}: {report.metric_name} vs compute"
     pngs = {
-        "frontier": plots.frontier_plot(report.groups, out / "frontier.png", title),
+        "frontier": plots.frontier_plot(report.groups, out / "frontier.png", title,
+                                        fp=_fp_line(report.fp)),
         "bits": plots.bits_heatmap(report.points, out / "bits_heatmap.png"),
         "training": plots.training_curves(report.points, out / "training_curves.png"),
         "search": plots.search_curves(report.points, out / "search_curves.png"),
     }
-    dominated = group_dominated(report.groups)
-    fp32 = report.points[0].fp32_bops or 1
-    frontier_rows, classes = [], []
-    for i, g in enumerate(report.groups):
-        d = uniform_delta(report, g)
-        frontier_rows.append([g.method, g.budget, g.n, f"{g.gbops_mean:.4f}",
-                              f"{100 * g.gbops_mean * 1e9 / fp32:.2f}",
-                              f"{g.metric_mean:.4f}" + (f" ± {g.metric_std:.4f}" if g.n > 1 else ""),
-                              "" if d is None else f"{d:+.4f}", "dominated" if i in dominated else "Pareto"])
-        classes.append("dom" if i in dominated else "")
-    conv = conventions(report)
+    kept = set()
+    if report.saved is not None:
+        # rebuilt from report.json: plots drawn from the runs' own files cannot be redrawn;
+        # keep the ones the first rendering left here rather than show none
+        files = {"bits": "bits_heatmap", "training": "training_curves", "search": "search_curves"}
+        for key, stem in files.items():
+            if pngs[key] is None and (out / f"{stem}.png").is_file():
+                pngs[key] = out / f"{stem}.png"
+                kept.add(key)
+
+    def img(key: str, alt: str) -> str:
+        note = ("<p class='dim'>(drawn from the run directories when this report was first"
+                " made; not redrawn from report.json)</p>") if key in kept else ""
+        return _img(pngs[key], alt) + note
+
+    frontier_rows, dominated = _frontier_rows(report, ("Pareto", "dominated"))
+    cmps = comparisons(report)
+    paired = [f"<p class='noise'>{html.escape(noise_statement(report, cmps))}</p>"]
+    if cmps:
+        paired += [_table(PAIRED_HEADERS, _paired_rows(cmps)),
+                   f"<p class='dim'>{html.escape(PAIRED_NOTE)}</p>"]
+    conv = _saved(report, "conventions", lambda: conventions(report))
     conv_rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in conv.items()]
+    rebuilt = (f" · rebuilt from {html.escape(report.source.name)}"
+               if report.source else "")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>coqat report: {html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>coqat report: {html.escape(title)}</h1>",
         f"<p class='dim'>{html.escape(str(report.root))} · {len(report.points)} finished run(s)"
         + (f", {len(report.unfinished)} unfinished" if report.unfinished else "")
-        + f" · generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        + f"{rebuilt} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
         "<h2>Frontier</h2>", _img(pngs["frontier"], "frontier"),
         _table(["method", "budget", "seeds", "GBOPs", "% FP32", report.metric_name,
-                "vs uniform", "Pareto"], frontier_rows, classes),
-        "<p class='dim'>vs uniform: metric difference to the uniform-precision runs of the same"
-        " budget (else the best uniform at no more BOPs); positive = better than uniform.</p>",
-        "<h2>Bits per layer</h2>", _img(pngs["bits"], "bits per layer"),
+                "vs uniform", "Pareto"], frontier_rows, ["dom" if d else "" for d in dominated]),
+        "<p class='dim'>" + html.escape(
+            f"{report.metric_name}: mean ± standard deviation over seeds. vs uniform: the"
+            " difference of the means to the best uniform config run for the same budget or"
+            " fitting under it; positive = better than uniform."
+            + ("" if report.fp is None else
+               f" FP: the full-precision reference at FP32 cost, {report.fp.description}."
+               + (" The FP phase is an ordinary full-precision training of each seed, cached,"
+                  " that the searches start from." if report.fp.short == "FP phase"
+                  else ""))) + "</p>",
+        "<h2>Seeds and paired differences to uniform precision</h2>", *paired,
+        "<h2>Bits per layer</h2>", img("bits", "bits per layer"),
     ]
     if report.single:
-        rows = [[r["name"], r["op"], f"w{r['w_bits']}a{r['a_bits']}",
-                 f"{100 * r['macs_share']:.1f}", f"{100 * r['bops_share']:.1f}"]
-                for r in layer_table(report.points[0])]
-        parts.append(_table(["layer", "op", "bits", "% MACs", "% BOPs"], rows))
-    parts += ["<h2>Training</h2>", _img(pngs["training"], "training curves"),
-              "<h2>Search</h2>", _img(pngs["search"], "search curves"),
+        parts.append(_table(["layer", "op", "bits", "% MACs", "% BOPs"],
+                            _layer_rows(_layers(report))))
+    parts += ["<h2>Training</h2>", img("training", "training curves"),
+              "<h2>Search</h2>", img("search", "search curves"),
               "<h2>BOPs conventions</h2>",
               "<p>BOPs = MACs × weight bits × activation bits; MACs per layer counted by fvcore on"
               " the float model (one multiply-add = one MAC). The FP32 reference counts 32×32;"

@@ -88,6 +88,8 @@ def load_point(path: Path) -> Point | None:
         extra = {"achieved_over_budget": search.achieved_over_budget, "target": search.target}
         if search.repair is not None:
             extra["repair"] = search.repair
+        if search.fp_phase is not None:   # where the FP reference of this seed is cached
+            extra["fp_phase"] = search.fp_phase
     return Point(
         run_dir=str(path), space=rec.space, method=rec.method, bits=rec.bits, seed=rec.seed,
         bops=rec.bops, fp32_bops=rec.fp32_bops, metric_name=rec.metric_name,
