@@ -9,6 +9,7 @@ the output, a damaged run file) is one line on stderr and exit code 2 (``main``)
 from __future__ import annotations
 
 import errno
+import math
 import json
 import sys
 import traceback
@@ -28,8 +29,10 @@ app = typer.Typer(
          " Start with `coqat demo` (about 5 minutes on 2 CPU cores).",
     add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]})
-console = Console()
-err_console = Console(stderr=True)
+# No markup: every string is printed literally, so user text ('[train]', a path with
+# '[/x]') can never be taken for a style tag; styles come from rich.text.Text objects.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 # ----- options shared by several commands (one definition, one help text) -------------------
 SpaceOpt = Annotated[str, typer.Option(
@@ -329,7 +332,7 @@ def frontier(
     from coqat.reporting.build import print_terminal, to_json, write_html
     from coqat.sweep import queue
 
-    if steps_scale is not None and not steps_scale > 0:
+    if steps_scale is not None and not (math.isfinite(steps_scale) and steps_scale > 0):
         raise CoqatError(f"--steps-scale {steps_scale} must be a number > 0 (e.g. 0.25 for a"
                          " quick sweep)")
     show = _progress_printer() if not json_out else None

@@ -403,32 +403,56 @@ def load_space(ref: str | Path) -> SearchSpace:
         raise CoqatError(f"{path} is not valid TOML ({e}); fix the syntax at that line") from None
     except UnicodeDecodeError:
         raise CoqatError(f"{path} is not a UTF-8 text file; pass a TOML search space") from None
+    except RecursionError:
+        raise CoqatError(f"{path} is nested too deeply to be a search space") from None
+    except OSError as e:
+        raise CoqatError(f"cannot read {path} ({e.strerror}); pass a readable TOML file") \
+            from None
     return parse_space(raw, path)
 
 
-def parse_space(raw: Mapping[str, Any], path: Path | None = None) -> SearchSpace:
+def parse_space(raw: Any, path: Path | None = None) -> SearchSpace:
     where = str(path) if path else "search space"
-    unknown = sorted(set(raw) - _TOP_KEYS)
+    if not isinstance(raw, Mapping):
+        raise CoqatError(f"{where}: a search space is a TOML table (got {type(raw).__name__})")
+    unknown = sorted(str(k) for k in set(raw) - _TOP_KEYS)
     if unknown:
         raise CoqatError(f"{where}: unknown top-level key(s) {', '.join(unknown)};"
                          f" allowed: {', '.join(sorted(_TOP_KEYS))}")
     name = raw.get("name") or (path.stem if path else "space")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise CoqatError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-'"
+                         " (it names run directories)")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise CoqatError(f"{where}: description must be a string")
     wl = raw.get("workload")
     if not isinstance(wl, Mapping) or not isinstance(wl.get("name"), str):
         raise CoqatError(f"{where}: needs a [workload] table with name = \"lm\" | \"fashion\" | ...")
     train = _parse_train(raw.get("train", {}), where)
-    search = dict(raw.get("search", {}))
-    rules = [_parse_rule(r, where) for r in search.pop("layers", [])]
+    search = raw.get("search", {})
+    if not isinstance(search, Mapping):
+        raise CoqatError(f"{where}: [search] must be a table")
+    search = dict(search)
+    layers = search.pop("layers", [])
+    if not isinstance(layers, list):
+        raise CoqatError(f"{where}: [[search.layers]] must be an array of tables, each with"
+                         " pattern, w_bits and a_bits")
+    rules = [_parse_rule(r, where) for r in layers]
+    pinned_table = search.pop("pinned", {})
+    if not isinstance(pinned_table, Mapping):
+        raise CoqatError(f"{where}: [search.pinned] must be a table of \"pattern\" = \"wNaM\"")
     pinned = {}
-    for pat, bits in dict(search.pop("pinned", {})).items():
+    for pat, bits in pinned_table.items():
         try:
             pinned[pat] = parse_bits(bits, train.quantizer)
         except CoqatError as e:
             raise CoqatError(f"{where}: [search.pinned] {pat!r}: {e}") from None
     ties = search.pop("ties", [])
-    if not (isinstance(ties, list) and all(isinstance(t, list) for t in ties)):
+    if not (isinstance(ties, list) and all(isinstance(t, list) and
+                                           all(isinstance(x, str) for x in t) for t in ties)):
         raise CoqatError(f"{where}: [search] ties must be a list of lists of layer patterns")
-    return SearchSpace(name=name, description=raw.get("description", ""), workload=dict(wl),
+    return SearchSpace(name=name, description=description, workload=dict(wl),
                        train=train, rules=rules, pinned=pinned, ties=ties, search=search,
                        path=path, raw=dict(raw))
 
@@ -469,6 +493,7 @@ def _parse_rule(r: Any, where: str) -> LayerRule:
 
 
 # ----- one run's configuration ------------------------------------------------------------
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 MAX_SEED = 2**32 - 1
 

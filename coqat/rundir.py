@@ -19,6 +19,7 @@ read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -28,7 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from coqat.errors import CoqatError
-from coqat.util import atomic_write_bytes, atomic_write_json, read_json
+from coqat.util import atomic_write_bytes, atomic_write_json, exclusive_lock, read_json
 
 CONFIG = "config.json"
 BITCONFIG = "bitconfig.json"
@@ -39,6 +40,7 @@ WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoints/last.pt"
 #: the manifest of a frontier sweep directory (``coqat.sweep.frontier``)
 FRONTIER_MANIFEST = "frontier.json"
+LOCK = ".lock"
 
 
 class RunDir:
@@ -131,12 +133,35 @@ class RunDir:
         return _read_jsonl(p, kind)
 
     def truncate_metrics_after(self, step: int) -> None:
-        """On resume: drop records logged after the checkpoint's step (they will be redone)."""
+        """On resume from the checkpoint of ``step``: drop what the resumed run logs again,
+        i.e. records of later steps and the end-of-run evaluation (a run killed between its
+        final evaluation and final.json evaluates again)."""
         p = self.path / METRICS
         if not p.is_file():
             return
-        keep = [r for r in _read_jsonl(p, None) if r.get("step", -1) < step]
+        keep = [r for r in _read_jsonl(p, None)
+                if r.get("step", -1) <= step and not r.get("final")]
         atomic_write_bytes(p, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+    # ----- hygiene ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive use of the run directory while a process writes it; a second writer
+        (two --resume of one run, say) is refused at once. The lock dies with its process."""
+        with exclusive_lock(self.path / LOCK, blocking=False) as held:
+            if not held:
+                raise CoqatError(f"run {self.path} is being written by another coqat process;"
+                                 " wait for it to finish (or stop it) before resuming")
+            yield
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Temp files of atomic writes interrupted by a kill (``.NAME.XXXX.tmp``); call it
+        while holding :meth:`lock`, so no live writer owns them."""
+        stale = [p for d in (self.path, self.path / "checkpoints") if d.is_dir()
+                 for p in d.glob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     # ----- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> Path:
@@ -150,6 +175,8 @@ class RunDir:
         """The last checkpoint, or None when the run has none yet. Loads without executing
         code (``weights_only=True``); a damaged file is a one-line error."""
         p = self.path / CHECKPOINT
+        if p.exists() and not p.is_file():
+            raise CoqatError(f"{p} is not a file; delete it to restart the run from scratch")
         if not p.is_file():
             return None
         try:
@@ -180,17 +207,23 @@ class RunDir:
                              " the run directory is damaged") from None
 
 
+def read_jsonl(p: Path, kind: str | None = None) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (of one ``kind``); a line a kill tore or damaged
+    bytes broke is skipped, not an error."""
+    return _read_jsonl(p, kind)
+
+
 def _read_jsonl(p: Path, kind: str | None) -> Iterator[dict[str, Any]]:
-    with open(p) as f:
+    with open(p, encoding="utf-8", errors="replace") as f:   # damaged bytes: skipped lines
         for line in f:
             line = line.strip()
             if not line:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue  # torn last line after a kill
-            if kind is None or rec.get("kind") == kind:
+            if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
                 yield rec
 
 

@@ -244,8 +244,10 @@ class _TrialProgress:
         if enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._p = Progress(TextColumn("[bold]optuna"), BarColumn(bar_width=24),
-                               TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+            self._p = Progress(TextColumn("optuna", style="bold", markup=False),
+                               BarColumn(bar_width=24),
+                               TextColumn("{task.fields[note]}", markup=False),
+                               TimeElapsedColumn())
             self._task = self._p.add_task("optuna", total=max(seconds, 1e-3), note="")
 
     def __enter__(self):

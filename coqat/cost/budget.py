@@ -41,6 +41,7 @@ _TERM = re.compile(r"^w(\d+)a(\d+)$", re.IGNORECASE)
 _PLACEHOLDER = "__coqat_bops_{}__"
 _MAX_LEN = 500
 _MAX_EXPONENT = 30  # 1e30 BOPs is far past any model; bounds the exact arithmetic
+_MAX_BOPS = 10**40  # a product of such numbers can still be huge: refused above this
 
 
 class _BudgetSyntaxError(Exception):
@@ -189,6 +190,8 @@ def parse_budget(expr: str, cost: CostModel,
     bops = math.floor(value)
     if bops <= 0:
         raise fail(f"it comes to {bops} BOPs; a budget must be positive")
+    if bops > _MAX_BOPS:
+        raise fail(f"it comes to more than {_MAX_BOPS:.0e} BOPs, far beyond any model")
     return int(bops)
 
 

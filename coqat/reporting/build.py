@@ -434,13 +434,15 @@ def print_terminal(report: Report, console) -> None:
     from rich import box
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text
 
     name = report.metric_name
     better = "higher" if report.higher_is_better else "lower"
     spaces = sorted({p.space for p in report.points})
-    summary = (f"[bold]{report.root}[/bold]\n{len(report.points)} finished run(s)"
-               + (f", {len(report.unfinished)} unfinished" if report.unfinished else "")
-               + f"; space {', '.join(spaces)}; metric {name} ({better} is better)")
+    summary = Text(str(report.root), style="bold") + Text(
+        f"\n{len(report.points)} finished run(s)"
+        + (f", {len(report.unfinished)} unfinished" if report.unfinished else "")
+        + f"; space {', '.join(spaces)}; metric {name} ({better} is better)")
     console.print(Panel(summary, title="coqat report", expand=False))
 
     t = Table(title="frontier", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -498,10 +500,11 @@ def print_terminal(report: Report, console) -> None:
         console.print(st)
     conv = _saved(report, "conventions", lambda: conventions(report))
     if conv:
-        console.print(f"[dim]BOPs = {conv.get('formula', 'MACs*w_bits*a_bits')}, MACs by"
+        console.print(Text(f"BOPs = {conv.get('formula', 'MACs*w_bits*a_bits')}, MACs by"
                       f" {conv.get('mac_counter', 'fvcore')}; FP32 reference 32x32; float"
                       f" {conv.get('float_bits', 16)} bits; attention"
-                      f" {conv.get('attention_bits', 16)}x{conv.get('attention_bits', 16)}.[/dim]")
+                      f" {conv.get('attention_bits', 16)}x{conv.get('attention_bits', 16)}.",
+                           style="dim"))
 
 
 def _layer_rows(rows: list[dict[str, Any]]) -> list[list[str]]:

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from coqat.bitconfig import FLOAT_BITS, BitConfig, LayerBits  # noqa: E402
 from coqat.errors import CoqatError  # noqa: E402
+from coqat.rundir import read_jsonl  # noqa: E402
 from coqat.reporting.runs import Group, Point, group_dominated  # noqa: E402
 from coqat.reporting.stats import CostPoint, SeedSummary, hull_value, uniform_hull  # noqa: E402
 
@@ -186,15 +187,10 @@ def _series(run_dir: str, kind: str | None, key: str,
     f = Path(run_dir) / file
     if not f.is_file():
         return xs, ys
-    with open(f) as fh:
-        for line in fh:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (kind is None or r.get("kind") == kind) and isinstance(r.get(key), (int, float)):
-                xs.append(int(r.get("step", len(xs))))
-                ys.append(float(r[key]))
+    for r in read_jsonl(f, kind):
+        if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool):
+            xs.append(int(r.get("step", len(xs))))
+            ys.append(float(r[key]))
     return xs, ys
 
 

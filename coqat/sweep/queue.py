@@ -42,6 +42,9 @@ def open_storage(url: str):
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Optuna's info lines ("A new study created ...") would break one-line errors and
+    # --json output; coqat prints its own progress
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         if "://" not in url or url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend

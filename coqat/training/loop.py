@@ -75,7 +75,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
             if h.name in state.get("hooks", {}):
                 h.load_state_dict(state["hooks"][h.name])
         if writer is not None:
-            writer.truncate_metrics_after(start + 1)
+            writer.truncate_metrics_after(start)
 
     env.init(device)
     net: nn.Module = model
@@ -251,10 +251,13 @@ class _Progress:
                                        TimeElapsedColumn, TimeRemainingColumn)
 
             self._p = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(bar_width=24),
-                MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[note]}"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                # user text (the space's name) is shown literally: no markup anywhere
+                TextColumn("{task.description}", style="bold", markup=False),
+                BarColumn(bar_width=24), MofNCompleteColumn(),
+                TextColumn("{task.fields[loss]}", markup=False),
+                TextColumn("{task.fields[rate]}", markup=False),
+                TextColumn("{task.fields[note]}", markup=False),
+                TimeElapsedColumn(), TextColumn("eta", markup=False), TimeRemainingColumn(),
                 transient=False)
             self._task = self._p.add_task(label, total=total, completed=start, **self.fields)
 

@@ -11,6 +11,8 @@ final record. ``resume`` rebuilds the same job from a run directory's ``config.j
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +78,17 @@ class Prepared:
 
 def build_model(workload: Workload, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return workload.build_model()
+    try:
+        return workload.build_model()
+    except MemoryError:
+        raise CoqatError(f"the {workload.name} model of this space does not fit in memory;"
+                         " make it smaller in the space's [workload] table") from None
+    except RuntimeError as e:  # torch's allocator reports an impossible size this way
+        if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+            raise
+        raise CoqatError(f"the {workload.name} model of this space does not fit in memory"
+                         f" ({str(e).splitlines()[0][:120]}); make it smaller in the space's"
+                         " [workload] table") from None
 
 
 def prepare(config: RunConfig, bits: Any = "fp") -> Prepared:
@@ -106,12 +118,25 @@ def prepare(config: RunConfig, bits: Any = "fp") -> Prepared:
     schedule, qat_plan = build_schedule(settings, bitconfig, cost, workload)
     dist_env = DistEnv.from_env()
     device = dist_env.device(rt.device)
+    check_device(device)
     dist_env.init(device)  # before anything broadcasts (the run directory's name)
     if settings.batch_size % dist_env.world_size:
         raise CoqatError(f"batch_size {settings.batch_size} is not divisible by the"
                          f" {dist_env.world_size} processes; pick a multiple")
     return Prepared(config, resolved, workload, model, cost, bitconfig, schedule, device,
                     method, qat_plan, data_info=data_info)
+
+
+def check_device(device: torch.device) -> None:
+    """A CUDA device must exist here (checked before any run directory is made)."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise CoqatError(f"device {device} was asked for, but no CUDA GPU is visible to torch"
+                         " here; use --device cpu (or auto)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise CoqatError(f"device {device} does not exist: this machine has"
+                         f" {torch.cuda.device_count()} GPU(s); use cuda:0 ..")
 
 
 def bits_for(bits: Any, resolved: ResolvedSpace,
@@ -183,28 +208,37 @@ def execute(prep: Prepared, run: RunDir | None = None, resume: bool = False,
     """
     rt = prep.runtime
     env = DistEnv.from_env()
+    created = run is None
     if run is None:
         name = rt.name or f"{prep.space.name}-{prep.bits_label}-s{rt.seed}"
         run = RunDir.create(rt.out, name) if env.is_main else None
         if env.enabled:
             path = env.broadcast_object(str(run.path) if run else None)
             run = RunDir(path)
-    if env.is_main and not resume:
-        write_run_header(run, prep, command)
-    hooks = make_hooks(prep) if hooks is None else list(hooks)
-    env.barrier()  # rank 0 has written the header before anyone trains
-    t0 = time.perf_counter()
-    final = train(model=prep.model, workload=prep.workload, settings=prep.settings,
-                  schedule=prep.schedule, bitconfig=prep.bitconfig, device=prep.device,
-                  run=run, hooks=hooks, resume=resume, progress=rt.progress,
-                  label=f"{prep.space.name} {prep.bits_label}")
-    wall = time.perf_counter() - t0
-    record = final_record(prep, final, wall, search)
-    record.resumed = resume
-    record.run_dir = str(run.path)
-    if env.is_main:
-        write_qparams(run, prep.model, prep.bitconfig)  # derived quantizer state for deployers
-        record.write(run)
+    with run.lock() if env.is_main else contextlib.nullcontext():
+        if env.is_main and not resume:
+            try:
+                write_run_header(run, prep, command)
+            except BaseException:
+                if created:  # nothing half-written: a run that could not start leaves no dir
+                    shutil.rmtree(run.path, ignore_errors=True)
+                raise
+        if env.is_main and resume:
+            run.remove_stale_temp_files()
+        hooks = make_hooks(prep) if hooks is None else list(hooks)
+        env.barrier()  # rank 0 has written the header before anyone trains
+        t0 = time.perf_counter()
+        final = train(model=prep.model, workload=prep.workload, settings=prep.settings,
+                      schedule=prep.schedule, bitconfig=prep.bitconfig, device=prep.device,
+                      run=run, hooks=hooks, resume=resume, progress=rt.progress,
+                      label=f"{prep.space.name} {prep.bits_label}")
+        wall = time.perf_counter() - t0
+        record = final_record(prep, final, wall, search)
+        record.resumed = resume
+        record.run_dir = str(run.path)
+        if env.is_main:
+            write_qparams(run, prep.model, prep.bitconfig)  # quantizer state for deployers
+            record.write(run)
     return run, record
 
 

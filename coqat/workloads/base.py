@@ -101,18 +101,22 @@ class Workload(ABC):
         return {}
 
 
-def get_workload(name: str, spec: Mapping[str, Any] | None = None,
+def get_workload(name: Any, spec: Mapping[str, Any] | None = None,
                  data_dir: str | None = None, seed: int = 0) -> Workload:
-    """Instantiate a registered workload, or a user workload given as ``file.py:Class``."""
-    import coqat.workloads  # noqa: F401  (imports the built-ins so they register)
+    """Instantiate a registered workload by name.
 
-    if ":" in name and name.split(":", 1)[0].endswith(".py"):
-        cls = load_object(name)
-        if not (isinstance(cls, type) and issubclass(cls, Workload)):
-            raise CoqatError(f"{name} is not a coqat Workload subclass")
-        return cls(spec, data_dir=data_dir, seed=seed)
-    if name not in _REGISTRY:
+    Names come from data files (a space's ``[workload]``, a run's ``config.json``, a sweep's
+    manifest), so they are looked up, never imported: a name can only pick a workload that
+    is already registered in this process (the built-ins, or one the user's own code
+    registered).
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
+        if isinstance(name, str) and ":" in name:
+            raise CoqatError(f"workload {name!r} names code to import, and coqat never imports"
+                             " what a data file names; pass your model on the command line"
+                             " (--model file.py:factory) or register it from Python; known"
+                             f" workloads: {known}")
         raise CoqatError(f"unknown workload {name!r}; known workloads: {known}")
     return _REGISTRY[name](spec, data_dir=data_dir, seed=seed)
 

@@ -38,6 +38,10 @@ from coqat.workloads.base import Workload, register
 from coqat.workloads.sampling import check_split, model_device, rank_rows, stable_seed
 
 
+#: a shape beyond this is a typo, not a model to train (it would not fit in any memory here)
+MAX_PARAMS = 10**11
+
+
 def default_ffn_hidden(d_model: int, multiple_of: int = 64) -> int:
     """Llama's SwiGLU width: 8/3 d (same MACs as a 4d GELU MLP), rounded up."""
     return multiple_of * math.ceil(8 * d_model / 3 / multiple_of)
@@ -74,6 +78,16 @@ class LlamaConfig:
                              f"{self.n_kv_heads}; pick n_kv_heads that divides n_heads")
         if not self.rope_theta > 0:
             raise CoqatError(f"lm: rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.param_count() > MAX_PARAMS:
+            raise CoqatError(f"lm: this shape has {self.param_count():.3g} parameters, beyond"
+                             f" what coqat builds ({MAX_PARAMS:.0e}); check d_model, n_layers"
+                             " and ffn_hidden")
+
+    def param_count(self) -> int:
+        """Weights of the model this config builds (embeddings, attention, MLP, head)."""
+        d, kv = self.d_model, self.n_kv_heads * self.head_dim
+        per_layer = d * (2 * d + 2 * kv) + 3 * d * self.ffn_hidden + 2 * d
+        return 2 * self.vocab_size * d + self.n_layers * per_layer + d
 
     @property
     def head_dim(self) -> int:
