@@ -33,6 +33,7 @@ _PUBLIC = {
     "RunConfig": "coqat.config", "Runtime": "coqat.config", "SearchSettings": "coqat.config",
     "TrainSettings": "coqat.config", "load_space": "coqat.config",
     "RunRecord": "coqat.records", "SearchRecord": "coqat.records",
+    "UserModel": "coqat.workloads.user",
     **{name: "coqat.api" for name in ("BopsReport", "bops", "quantize_", "train", "resume",
                                        "search", "frontier", "work_on", "export", "deploy",
                                        "report", "plan")},

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from coqat.bitconfig import BitConfig, LayerBits
-from coqat.config import DEFAULT_SPACE, RunConfig, SearchSpace, bits_from_cli, load_space
+from coqat.config import (DEFAULT_SPACE, RunConfig, SearchSpace, bits_from_cli, load_space,
+                          space_for_workload)
 from coqat.cost import CostModel
 from coqat.errors import CoqatError
 from coqat.exporters import export_run
@@ -42,11 +43,38 @@ from coqat.reporting.build import Report, build_report, write_html
 from coqat.bitsearch import run_searches
 from coqat.sweep import frontier as sweep
 from coqat.training import runner
-from coqat.workloads import get_workload, load_object
+from coqat.workloads import (UserModel, get_workload, load_object, load_user_model,
+                             use_user_model)
 
-__all__ = ["BopsReport", "bops", "quantize_", "train", "resume", "search", "frontier",
-           "work_on", "export", "deploy", "report", "plan", "model_and_inputs",
-           "parse_shape"]
+__all__ = ["BopsReport", "UserModel", "bops", "quantize_", "train", "resume", "search",
+           "frontier", "work_on", "export", "deploy", "report", "plan", "model_and_inputs",
+           "parse_shape", "resolve_model", "use_model"]
+
+
+# ----- the user's own model ------------------------------------------------------------------------
+def resolve_model(model: Any) -> UserModel:
+    """A ``UserModel`` from ``model``: the object itself, or ``file.py:factory`` (imported:
+    the caller named it in this invocation)."""
+    if isinstance(model, UserModel):
+        return model
+    if isinstance(model, str):
+        return load_user_model(model)
+    raise CoqatError(f"model must be a coqat.UserModel or 'file.py:factory' (got"
+                     f" {type(model).__name__})")
+
+
+def use_model(model: Any) -> UserModel:
+    """Resolve ``model`` and make it available to this process's runs."""
+    user = resolve_model(model)
+    use_user_model(user)
+    return user
+
+
+def _user_space(user: UserModel, space: Any) -> SearchSpace:
+    workload = {"name": user.workload_name}
+    if user.source:
+        workload.update(source=user.source, sha256=user.sha256)
+    return space_for_workload(workload, user.name, space)
 
 
 # ----- compute -----------------------------------------------------------------------------------
@@ -77,12 +105,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def model_and_inputs(space: str | Path | None = None, model: str | nn.Module | None = None,
+def model_and_inputs(space: str | Path | None = None, model: Any = None,
                      input_shape: str | Sequence[int] | None = None,
                      data_dir: str | None = None):
-    """(model, example inputs, space or None, label) of a space's model or a user model."""
-    if space and model is not None:
-        raise CoqatError("give either a space or a model, not both")
+    """(model, example inputs, space or None, label) of a space's model or a user model.
+
+    ``model``: a UserModel (or ``file.py:factory`` returning one): the example inputs are its
+    first training batch's; or an ``nn.Module`` (or a factory returning one) with
+    ``input_shape`` for random float inputs (vision models)."""
     if model is not None:
         label = model if isinstance(model, str) else type(model).__name__
         m = model
@@ -91,12 +121,29 @@ def model_and_inputs(space: str | Path | None = None, model: str | nn.Module | N
             try:
                 m = factory() if callable(factory) and not isinstance(factory, nn.Module) \
                     else factory
+            except CoqatError:
+                raise
             except Exception as e:
                 raise CoqatError(f"calling {model} failed: {type(e).__name__}: {e}") from None
+        if isinstance(m, UserModel):
+            if isinstance(model, str):
+                m.source = model
+            use_user_model(m)
+            sp = _user_space(m, space)
+            wl = get_workload(sp.workload_name, {k: v for k, v in sp.workload.items()
+                                                 if k != "name"})
+            torch.manual_seed(0)
+            return wl.build_model(), wl.example_inputs(), sp, label
+        if space:
+            raise CoqatError("a bare nn.Module has no search space; give either a space or a"
+                             " model (or return a coqat.UserModel)")
         if not isinstance(m, nn.Module):
-            raise CoqatError(f"{label} did not return a torch.nn.Module")
+            raise CoqatError(f"{label} returned {type(m).__name__}; return a torch.nn.Module"
+                             " (with an input shape) or a coqat.UserModel")
         if not input_shape:
-            raise CoqatError("a user model needs an input shape (e.g. 1,3,224,224)")
+            raise CoqatError("a bare nn.Module needs an input shape (e.g. 1,3,224,224); for a"
+                             " language model return a coqat.UserModel, whose data gives the"
+                             " inputs")
         shape = parse_shape(input_shape) if isinstance(input_shape, str) else \
             tuple(int(d) for d in input_shape)
         return m, (torch.randn(shape),), None, label
@@ -107,7 +154,7 @@ def model_and_inputs(space: str | Path | None = None, model: str | nn.Module | N
     return wl.build_model(), wl.example_inputs(), sp, sp.name
 
 
-def bops(space: str | Path | None = None, model: str | nn.Module | None = None,
+def bops(space: str | Path | None = None, model: Any = None,
          input_shape: str | Sequence[int] | None = None, bits: str | None = None,
          data_dir: str | None = None) -> BopsReport:
     """Per-layer MACs / BOPs for a space's model or a user model (``coqat bops``)."""
@@ -145,51 +192,74 @@ def quantize_(model: nn.Module, config: BitConfig | str | Path,
 
 
 # ----- training and search ------------------------------------------------------------------------
-def _config(space: str | Path | SearchSpace | RunConfig, options: dict[str, Any]) -> RunConfig:
+def _config(space: Any, options: dict[str, Any], model: Any = None) -> RunConfig:
     if isinstance(space, RunConfig):
-        if options:
+        if options or model is not None:
             raise CoqatError("give options either in the RunConfig or as keywords, not both")
         return space
+    if model is not None:
+        space = _user_space(use_model(model), space)
+    elif space is None:
+        space = DEFAULT_SPACE
     return RunConfig.from_options(space, **options)
 
 
-def train(space: str | Path | SearchSpace | RunConfig = DEFAULT_SPACE, bits: Any = "fp",
-          **options: Any) -> RunRecord:
+def train(space: str | Path | SearchSpace | RunConfig | None = None, bits: Any = "fp",
+          model: Any = None, **options: Any) -> RunRecord:
     """Train full precision (``bits="fp"``), uniform (``"w4a4"``) or a given configuration
-    (a BitConfig or a bitconfig.json path); writes a run directory (``coqat train``)."""
-    _, rec = runner.run_train(_config(space, options), bits)
+    (a BitConfig or a bitconfig.json path); writes a run directory (``coqat train``).
+
+    ``model``: your own model (a UserModel or ``file.py:factory``); ``space`` is then an
+    optional space file with [train] and [search] tables and no [workload]."""
+    _, rec = runner.run_train(_config(space, options, model), bits)
     return rec
 
 
-def resume(run_dir: str | Path, progress: bool = True) -> RunRecord:
-    """Continue an interrupted run where it stopped, bit for bit (``coqat train --resume``)."""
+def resume(run_dir: str | Path, progress: bool = True, model: Any = None) -> RunRecord:
+    """Continue an interrupted run where it stopped, bit for bit (``coqat train --resume``).
+    A run of your own model needs the same ``model`` again."""
+    if model is not None:
+        use_model(model)
     _, rec = runner.resume(run_dir, progress=progress)
     return rec
 
 
-def search(space: str | Path | SearchSpace | RunConfig, budget: str, method: str = "gumbel",
-           baselines: Sequence[str] = (), target: str | None = None, final_qat: bool = True,
-           say: Callable[[str], None] | None = None, **options: Any) -> list[RunRecord]:
+def search(space: str | Path | SearchSpace | RunConfig | None = None, budget: str = "w4a4",
+           method: str = "gumbel", baselines: Sequence[str] = (), target: str | None = None,
+           final_qat: bool = True, say: Callable[[str], None] | None = None,
+           model: Any = None, **options: Any) -> list[RunRecord]:
     """Search per-layer bits under ``budget`` with ``method``, then QAT-train and evaluate
     the result; each of ``baselines`` runs at the same budget with the identical final QAT
     (``coqat search``). Returns the method's record first, then the baselines'."""
-    return run_searches(_config(space, options), budget, [method, *baselines], target=target,
-                        final_qat=final_qat, say=say)
+    return run_searches(_config(space, options, model), budget, [method, *baselines],
+                        target=target, final_qat=final_qat, say=say)
 
 
-def frontier(space: str | Path | SearchSpace, budgets: Sequence[str], seeds: int = 3,
-             methods: Sequence[str] = ("gumbel", "uniform"), storage: str | None = None,
-             workers: int = 1, name: str | None = None, out: str | Path = "runs",
-             steps_scale: float = 1.0, target: str | None = None, device: str = "auto",
-             run: bool = True, on_progress: Callable[[dict[str, int], float], None] | None = None,
+def frontier(space: str | Path | SearchSpace | None = None, budgets: Sequence[str] = ("w4a4",),
+             seeds: int = 3, methods: Sequence[str] = ("gumbel", "uniform"),
+             storage: str | None = None, workers: int = 1, name: str | None = None,
+             out: str | Path = "runs", steps_scale: float = 1.0, target: str | None = None,
+             device: str = "auto", run: bool = True, model: Any = None,
+             on_progress: Callable[[dict[str, int], float], None] | None = None,
              **train_options: Any) -> Report:
     """The accuracy-vs-compute frontier: one search per budget x seed x method, as a shared
     Optuna study (``coqat frontier``). Rerunning resumes; new budgets/seeds extend it.
-    ``train_options`` override the final QAT's settings (e.g. optimizer="cage-d")."""
+    ``train_options`` override the final QAT's settings (e.g. optimizer="cage-d").
+    With ``model`` and several ``workers``, the model must be a ``file.py:factory`` (each
+    worker process imports it; an object cannot be sent to them)."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise CoqatError(f"seeds must be an integer >= 1 (got {seeds!r})")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise CoqatError(f"workers must be an integer >= 1 (got {workers!r})")
+    model_ref = None
+    if model is not None:
+        if workers > 1 and not isinstance(model, str):
+            raise CoqatError("several workers need the model as 'file.py:factory' (each worker"
+                             " imports it); a model object works with workers=1")
+        model_ref = model if isinstance(model, str) else None
+        space = _user_space(use_model(model), space)
+    elif space is None:
+        space = DEFAULT_SPACE
     study, manifest, sweep_dir = sweep.create_or_resume(
         space, budgets, list(range(seeds)), methods, storage, out, name,
         steps_scale=steps_scale, train=train_options, device=device, target=target)
@@ -197,14 +267,16 @@ def frontier(space: str | Path | SearchSpace, budgets: Sequence[str], seeds: int
         if workers <= 1:
             sweep.work(study, manifest, sweep_dir)
         else:
-            sweep.run_workers(manifest, sweep_dir, workers, on_progress)
+            sweep.run_workers(manifest, sweep_dir, workers, on_progress, model_ref=model_ref)
     return build_report(sweep_dir)
 
 
 def work_on(storage: str, study: str, out: str | Path = "runs",
-            max_points: int | None = None) -> int:
+            max_points: int | None = None, model: Any = None) -> int:
     """Join a frontier sweep from another process or machine (``coqat worker``); returns
-    the number of points this worker ran."""
+    the number of points this worker ran. A sweep of your own model needs ``model`` again."""
+    if model is not None:
+        use_model(model)
     st, manifest = sweep.load_study(storage, study)
     return sweep.work(st, manifest, Path(out) / manifest.study, max_points=max_points)
 
@@ -219,16 +291,21 @@ def report(path: str | Path, out: str | Path | None = None, html: bool = True
 
 
 def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None,
-           approx: bool = False) -> ExportResult:
-    """Export a finished run to onnx | compressed-tensors | torchao | json (``coqat export``)."""
+           approx: bool = False, model: Any = None) -> ExportResult:
+    """Export a finished run to onnx | compressed-tensors | torchao | json (``coqat export``).
+    A run of your own model needs the same ``model`` again."""
+    if model is not None:
+        use_model(model)
     return export_run(run_dir, format, out, approx=approx)
 
 
 def deploy(run_dir: str | Path, format: str = "packed", out: str | Path | None = None,
-           max_batches: int | None = None,
-           progress: Callable[[str], None] | None = None) -> DeployReport:
+           max_batches: int | None = None, progress: Callable[[str], None] | None = None,
+           model: Any = None) -> DeployReport:
     """Pack the codes, evaluate the packed model, compare its size with FP32 (``coqat
-    deploy``)."""
+    deploy``). A run of your own model needs the same ``model`` again."""
+    if model is not None:
+        use_model(model)
     return deploy_run(run_dir, format, out, max_batches, progress=progress)
 
 

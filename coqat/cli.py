@@ -35,9 +35,13 @@ console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
 
 # ----- options shared by several commands (one definition, one help text) -------------------
-SpaceOpt = Annotated[str, typer.Option(
+SpaceOpt = Annotated[Optional[str], typer.Option(
     "--space", "-s", help="search space: a TOML file or a shipped name (lm-tiny,"
-    " fashion-resnet, lm-30m)")]
+    " fashion-resnet, lm-30m); with --model, a TOML of [train]/[search] tables (default:"
+    " lm-tiny, or every layer searchable for --model)")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="your own model: path/to/file.py:factory, where factory() returns a"
+    " coqat.UserModel (model, data, loss, metric); see README 'Your own model'")]
 StepsOpt = Annotated[Optional[int], typer.Option(
     "--steps", help="optimizer steps of the (final) training (default: the space's)")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate")]
@@ -106,7 +110,8 @@ def bops(
     space: Annotated[Optional[str], typer.Option(
         "--space", "-s", help="search space: a TOML file or a shipped name")] = None,
     model: Annotated[Optional[str], typer.Option(
-        "--model", help="your own model: path/to/file.py:factory")] = None,
+        "--model", help="your own model: path/to/file.py:factory returning a coqat.UserModel"
+        " (or an nn.Module, with --input-shape)")] = None,
     input_shape: Annotated[Optional[str], typer.Option(
         "--input-shape", help="input shape for --model, e.g. 1,3,224,224")] = None,
     bits: Annotated[Optional[str], typer.Option(
@@ -114,8 +119,6 @@ def bops(
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer MACs and BOPs (fvcore MACs x weight bits x activation bits)."""
-    if model and not input_shape:
-        raise CoqatError("--model needs --input-shape (e.g. --input-shape 1,3,224,224)")
     rep = coqat.bops(space=space, model=model, input_shape=input_shape, bits=bits)
     if json_out:
         _emit_json(rep.to_dict())
@@ -165,7 +168,8 @@ def _say(text: str, style: str | None = None) -> None:
 # ---------------------------------------------------------------------------------- train
 @app.command()
 def train(
-    space: SpaceOpt = "lm-tiny",
+    space: SpaceOpt = None,
+    model: ModelOpt = None,
     bits: Annotated[str, typer.Option(
         "--bits", "-b", help="fp, uniform wNaM (e.g. w4a4) or a bitconfig.json")] = "fp",
     quantizer: QuantizerOpt = None, steps: StepsOpt = None, lr: LrOpt = None,
@@ -185,15 +189,16 @@ def train(
 
     progress = not (quiet or json_out)
     if resume is not None:
-        given = _non_defaults(locals(), {"space": "lm-tiny", "bits": "fp", "seed": 0,
-                                         "device": "auto", "out": "runs"},
-                              skip=("resume", "quiet", "json_out", "progress", "DistEnv"))
+        given = _non_defaults(locals(), {"bits": "fp", "seed": 0, "device": "auto",
+                                         "out": "runs"},
+                              skip=("resume", "quiet", "json_out", "progress", "DistEnv",
+                                    "model"))
         if given:
             raise CoqatError(f"--resume continues a run with its own settings; leave out"
                              f" {', '.join('--' + g.replace('_', '-') for g in given)}")
-        rec = coqat.resume(resume, progress=progress)
+        rec = coqat.resume(resume, progress=progress, model=model)
     else:
-        rec = coqat.train(space, bits, quantizer=quantizer, steps=steps, lr=lr,
+        rec = coqat.train(space, bits, model=model, quantizer=quantizer, steps=steps, lr=lr,
                           batch_size=batch_size, qat_fraction=_qat_fraction(qat_fraction),
                           fuse_cooldown=fuse_cooldown, optimizer=optimizer,
                           cage_lambda=cage_lambda, cage_silence=cage_silence,
@@ -232,7 +237,8 @@ def search(
     budget: Annotated[str, typer.Option(
         "--budget", "-B", help="BOPs budget: w4a4, 0.5*w8a8, w4a4+0.5*(w8a8-w4a4), 34.7G,"
         " 0.02 (share of FP32)")],
-    space: SpaceOpt = "lm-tiny",
+    space: SpaceOpt = None,
+    model: ModelOpt = None,
     method: Annotated[str, typer.Option("--method", "-m", help="gumbel | optuna | random |"
                                         " uniform")] = "gumbel",
     baselines: Annotated[str, typer.Option(
@@ -261,7 +267,7 @@ def search(
     say = (lambda msg: _say(msg, style="dim")) if progress else None
     records = coqat.search(
         space, budget, method, baselines=[b for b in others if b != method], target=target,
-        final_qat=not no_train, say=say, steps=steps, lr=lr, batch_size=batch_size,
+        final_qat=not no_train, say=say, model=model, steps=steps, lr=lr, batch_size=batch_size,
         quantizer=quantizer, qat_fraction=_qat_fraction(qat_fraction),
         fuse_cooldown=fuse_cooldown, optimizer=optimizer, cage_lambda=cage_lambda,
         cage_silence=cage_silence, kernels=kernels, seed=seed, device=device,
@@ -308,7 +314,8 @@ def frontier(
     budgets: Annotated[str, typer.Option(
         "--budgets", help="comma-separated budget expressions, e.g. w3a3,w4a4,w6a6,w8a8"
         " (each checked before any point runs)")],
-    space: SpaceOpt = "lm-tiny",
+    space: SpaceOpt = None,
+    model: ModelOpt = None,
     seeds: Annotated[int, typer.Option("--seeds", help="seeds 0..N-1 per budget and"
                                        " method")] = 3,
     methods: Annotated[str, typer.Option(
@@ -345,7 +352,7 @@ def frontier(
                          storage=storage, workers=workers, name=name, out=out,
                          steps_scale=steps_scale if steps_scale is not None else 1.0,
                          target=target, device=device, run=not no_run, on_progress=show,
-                         optimizer=optimizer)
+                         model=model, optimizer=optimizer)
     if no_run:
         m = rep.manifest
         _say(f"study {m.get('study')} in {queue.redact(str(m.get('storage')))}:"
@@ -386,9 +393,10 @@ def worker(
                                      " runs")] = "runs",
     max_points: Annotated[Optional[int], typer.Option(
         "--max-points", help="stop after running this many points")] = None,
+    model: ModelOpt = None,
 ) -> None:
     """Join a frontier sweep from another process or machine and work until it is done."""
-    n = coqat.work_on(storage, study, out, max_points)
+    n = coqat.work_on(storage, study, out, max_points, model=model)
     _say(f"worker finished: ran {n} point(s) of {study}")
 
 
@@ -425,14 +433,15 @@ def export(
     approx: Annotated[bool, typer.Option(
         "--approx", help="allow the documented approximations a format needs for coqat's"
         " QuEST numerics (listed in the output) instead of refusing")] = False,
+    model: ModelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a run's per-layer bit configuration and weights to a deployment format."""
     if json_out:
-        _emit_json(coqat.export(run, fmt, out, approx).to_dict())
+        _emit_json(coqat.export(run, fmt, out, approx, model=model).to_dict())
         return
     with console.status(f"exporting to {fmt} ...", spinner="dots"):
-        result = coqat.export(run, fmt, out, approx)
+        result = coqat.export(run, fmt, out, approx, model=model)
     kind = "exact" if result.exact else "approximate"
     _say(f"{result.format} export of {result.run_dir} ({kind}) written to {result.out_dir}")
     t = Table(box=None, pad_edge=False, show_header=False)
@@ -456,14 +465,15 @@ def deploy(
         "--out", help="output directory (default: RUN/exports/deploy-FORMAT)")] = None,
     max_batches: Annotated[Optional[int], typer.Option(
         "--max-batches", help="evaluate on this many batches (default: the whole split)")] = None,
+    model: ModelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Build the packed model, evaluate it and report its metric and size against FP32."""
     if json_out:
-        _emit_json(coqat.deploy(run, fmt, out, max_batches).to_dict())
+        _emit_json(coqat.deploy(run, fmt, out, max_batches, model=model).to_dict())
         return
     with console.status("building the deployed model ...", spinner="dots") as status:
-        rep = coqat.deploy(run, fmt, out, max_batches,
+        rep = coqat.deploy(run, fmt, out, max_batches, model=model,
                            progress=lambda msg: status.update(f"{msg} ..."))
     _print_deploy(rep)
 

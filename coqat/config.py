@@ -395,10 +395,34 @@ def find_space(ref: str | Path) -> Path:
     raise CoqatError(f"search space {str(ref)!r} not found; pass a TOML file or one of: {known}")
 
 
-def load_space(ref: str | Path) -> SearchSpace:
-    path = find_space(ref)
+#: the candidates of a user model's default space: every Linear/Conv2d searchable
+USER_DEFAULT_RULE = {"pattern": "*", "w_bits": [2, 3, 4, 8], "a_bits": [4, 8]}
+
+
+def space_for_workload(workload: Mapping[str, Any], name: str,
+                       space: "str | Path | SearchSpace | None" = None) -> SearchSpace:
+    """The search space of a user's own model: the given space file (its [train] and
+    [search] tables; it must not name a workload of its own) or, without one, every
+    Linear/Conv2d layer searchable over weights {2, 3, 4, 8} x activations {4, 8}."""
+    if space is None:
+        raw: dict[str, Any] = {"name": name, "search": {"layers": [dict(USER_DEFAULT_RULE)]}}
+        path = None
+    elif isinstance(space, SearchSpace):
+        raw, path = dict(space.raw), space.path
+    else:
+        path = find_space(space)
+        raw, path = dict(_read_toml(path)), path
+    if "workload" in raw:
+        raise CoqatError(f"{path or 'the space'}: with your own model the space must not have a"
+                         " [workload] table (the model is the workload); remove it")
+    raw["workload"] = dict(workload)
+    raw.setdefault("name", name)
+    return parse_space(raw, path)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise CoqatError(f"{path} is not valid TOML ({e}); fix the syntax at that line") from None
     except UnicodeDecodeError:
@@ -408,7 +432,11 @@ def load_space(ref: str | Path) -> SearchSpace:
     except OSError as e:
         raise CoqatError(f"cannot read {path} ({e.strerror}); pass a readable TOML file") \
             from None
-    return parse_space(raw, path)
+
+
+def load_space(ref: str | Path) -> SearchSpace:
+    path = find_space(ref)
+    return parse_space(_read_toml(path), path)
 
 
 def parse_space(raw: Any, path: Path | None = None) -> SearchSpace:
@@ -675,4 +703,5 @@ def bits_from_cli(text: str, quantizer: str) -> LayerBits | None:
 __all__ = ["DEFAULT_SPACE", "FLOAT_BITS", "KERNEL_CHOICES", "OPTIMIZERS", "LayerRule",
            "ResolvedSpace", "RunConfig", "Runtime", "SearchSettings", "SearchSpace",
            "TrainSettings", "bits_from_cli", "find_space", "load_space",
-           "parse_search_settings", "parse_space", "run_config_from_json", "spaces_dir"]
+           "parse_search_settings", "parse_space", "run_config_from_json", "space_for_workload",
+           "spaces_dir"]

@@ -140,7 +140,7 @@ def test_plan_rejects_nonpositive_numbers():
 
 def test_bops_with_model_but_no_shape():
     proc = run_cli("bops", "--model", "coqat/workloads/resnet.py:resnet18", cwd=ROOT)
-    assert_one_line_error(proc, "--input-shape")
+    assert_one_line_error(proc, "input shape")
 
 
 def test_demo_runs_search_uniform_report_and_export_end_to_end(tmp_path):

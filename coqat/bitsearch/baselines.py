@@ -29,6 +29,7 @@ from coqat.errors import CoqatError
 from coqat.bitsearch.knapsack import RepairResult, distance_values, repair
 from coqat.bitsearch.problem import Assignment, SearchProblem
 from coqat.training.loop import autocast
+from coqat.workloads.base import to_device
 
 
 def uniform_at_budget(problem: SearchProblem, pairs: list[tuple[int, int]],
@@ -75,7 +76,7 @@ def proxy_loss_fn(model: nn.Module, apply: Callable[[Assignment], None], workloa
                   ) -> Callable[[Assignment], float]:
     """Calibration-free proxy: mean loss of ``model`` at a hard config over fixed holdout
     batches (no gradient, no weight change)."""
-    data = [tuple(t.to(device) for t in workload.get_batch("holdout", i, batch_size))
+    data = [to_device(workload.get_batch("holdout", i, batch_size), device)
             for i in range(batches)]
 
     def proxy(asg: Assignment) -> float:

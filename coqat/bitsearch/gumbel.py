@@ -67,6 +67,7 @@ from coqat.bitsearch.relax import Mix, set_assignment
 from coqat.config import SearchSettings
 from coqat.training.hooks import StepContext, TrainHooks
 from coqat.training.loop import autocast
+from coqat.workloads.base import to_device
 from coqat.workloads.sampling import stable_seed
 
 
@@ -341,8 +342,9 @@ class GumbelSearchHooks(TrainHooks):
         done = ctx.step + 1
         if done % s.settings.arch_every == 0 or done == self.total_steps:
             t0 = time.perf_counter()
-            batch = tuple(t.to(ctx.device) for t in ctx.workload.get_batch(
-                "holdout", ctx.step, self.arch_batch_size, ctx.dist.rank, ctx.dist.world_size))
+            batch = to_device(ctx.workload.get_batch(
+                "holdout", ctx.step, self.arch_batch_size, ctx.dist.rank, ctx.dist.world_size),
+                ctx.device)
             rec = s.arch_step(ctx.model, batch, ctx.workload.loss, ctx.step)
             self.t_arch += time.perf_counter() - t0
             rec.update({"kind": "search", "step": done, "mu": s.mu, "train_loss": ctx.loss,

@@ -31,6 +31,7 @@ from coqat.bitsearch.job import Choice, SearchContext, SearchJob
 from coqat.bitsearch.problem import Assignment, SearchProblem
 from coqat.bitsearch.relax import set_assignment, to_search_model
 from coqat.training.loop import train
+from coqat.workloads.base import to_device
 from coqat.workloads.sampling import stable_seed
 
 __all__ = ["SearchMethod", "METHODS", "register_method", "get_method", "arch_step_count",
@@ -202,15 +203,15 @@ def estimate_search_seconds(job: SearchJob, probe_steps: int = 3) -> float:
     arch_bs = s.resolved_arch_batch(prep.settings.batch_size)
     times_w, times_a = [], []
     for i in range(probe_steps + 1):
-        batch = tuple(t.to(prep.device) for t in prep.workload.get_batch(
-            "train", i, prep.settings.batch_size))
+        batch = to_device(prep.workload.get_batch("train", i, prep.settings.batch_size),
+                          prep.device)
         t0 = time.perf_counter()
         search.apply(search.sample(i, "weights", "hard"))
         prep.workload.loss(model, batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
-        hb = tuple(t.to(prep.device) for t in prep.workload.get_batch("holdout", i, arch_bs))
+        hb = to_device(prep.workload.get_batch("holdout", i, arch_bs), prep.device)
         search.arch_step(model, hb, prep.workload.loss, i)
         t2 = time.perf_counter()
         if i:  # the first step pays one-time costs

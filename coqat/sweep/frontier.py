@@ -46,7 +46,7 @@ from coqat.bitsearch.pipeline import run_search
 from coqat.bitsearch.problem import SearchProblem
 from coqat.sweep import queue
 from coqat.util import atomic_write_json
-from coqat.workloads import get_workload
+from coqat.workloads import get_workload, load_user_model, use_user_model
 
 MANIFEST_ATTR = "coqat_manifest"     # study user attr: the manifest (JSON)
 POINT_KEYS = ("budget", "seed", "method")
@@ -280,17 +280,22 @@ def work(study, manifest: Manifest, sweep_dir: Path, run_point: PointRunner | No
                             manifest.grace, poll=poll, max_points=max_points, on_point=on_point)
 
 
-def _worker_main(storage_url: str, study_name: str, sweep_dir: str, threads: int) -> int:
-    """Entry point of a local worker process (``coqat frontier --workers N``)."""
+def _worker_main(storage_url: str, study_name: str, sweep_dir: str, threads: int,
+                 model_ref: str | None = None) -> int:
+    """Entry point of a local worker process (``coqat frontier --workers N``). ``model_ref``:
+    the user's ``file.py:factory`` that the parent was given in this invocation."""
     import torch
 
     torch.set_num_threads(threads)
+    if model_ref is not None:
+        use_user_model(load_user_model(model_ref))
     study, manifest = load_study(storage_url, study_name)
     return work(study, manifest, Path(sweep_dir))
 
 
 def run_workers(manifest: Manifest, sweep_dir: Path, workers: int,
-                on_progress: Callable[[dict[str, int], float], None] | None = None) -> None:
+                on_progress: Callable[[dict[str, int], float], None] | None = None,
+                model_ref: str | None = None) -> None:
     """Run ``workers`` local worker processes until the grid is complete. ``on_progress``
     is called about once a second with the progress counts and the elapsed seconds."""
     import multiprocessing as mp
@@ -298,7 +303,8 @@ def run_workers(manifest: Manifest, sweep_dir: Path, workers: int,
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
     procs = [ctx.Process(target=_worker_main, args=(manifest.storage, manifest.study,
-                                                     str(sweep_dir), threads), daemon=False)
+                                                     str(sweep_dir), threads, model_ref),
+                         daemon=False)
              for _ in range(workers)]
     for p in procs:
         p.start()

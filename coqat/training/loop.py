@@ -26,7 +26,7 @@ from coqat.quant import quantize_model
 from coqat.rundir import RunDir
 from coqat.training.distributed import DistEnv, weights_digest
 from coqat.training.hooks import StepContext, TrainHooks
-from coqat.workloads.base import Workload
+from coqat.workloads.base import Workload, batch_items, to_device
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
@@ -109,8 +109,8 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                 ctx.step, ctx.lr, ctx.phase = step, lr, phase
 
                 net.train()
-                batch = tuple(t.to(device, non_blocking=True) for t in workload.get_batch(
-                    "train", step, settings.batch_size, env.rank, env.world_size))
+                batch = to_device(workload.get_batch(
+                    "train", step, settings.batch_size, env.rank, env.world_size), device)
                 with autocast(device):
                     loss = workload.loss(net, batch)
                     total = loss
@@ -134,7 +134,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                     h.after_optimizer_step(ctx)
                 completed = step + 1
 
-                items += batch[-1].numel() * env.world_size
+                items += batch_items(batch) * env.world_size
                 done = step + 1
                 if done % settings.log_every == 0 or done == schedule.total_steps:
                     now = time.perf_counter()

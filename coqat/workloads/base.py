@@ -39,6 +39,15 @@ def registry() -> Mapping[str, type["Workload"]]:
     return dict(_REGISTRY)
 
 
+#: user workloads of this process: name ("user:NAME") -> constructor(spec, data_dir, seed).
+#: Filled only by code the user runs in this invocation (the --model option, the Python API).
+_USER: dict[str, Callable[..., "Workload"]] = {}
+
+
+def register_user_workload(name: str, make: Callable[..., "Workload"]) -> None:
+    _USER[name] = make
+
+
 class Workload(ABC):
     """A model + offline data + metric.
 
@@ -101,6 +110,31 @@ class Workload(ABC):
         return {}
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, tuple/list or dict of them, nested) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_items(batch: Any) -> int:
+    """Training items in a batch, for throughput: targets (tuple) or tokens (dict)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, Mapping):
+        for key in ("labels", "input_ids"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key].numel()
+        return 0
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_items(batch[-1])
+    return 0
+
+
 def get_workload(name: Any, spec: Mapping[str, Any] | None = None,
                  data_dir: str | None = None, seed: int = 0) -> Workload:
     """Instantiate a registered workload by name.
@@ -110,6 +144,13 @@ def get_workload(name: Any, spec: Mapping[str, Any] | None = None,
     is already registered in this process (the built-ins, or one the user's own code
     registered).
     """
+    if isinstance(name, str) and name in _USER:
+        return _USER[name](spec, data_dir, seed)
+    if isinstance(name, str) and name.startswith("user:"):
+        source = (spec or {}).get("source")
+        how = f"--model {source}" if source else "the same model object (model=...)"
+        raise CoqatError(f"this run used your own model {name[5:]!r}; coqat does not import it"
+                         f" from the run's files: pass it again with {how}")
     if not isinstance(name, str) or name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         if isinstance(name, str) and ":" in name:
