@@ -17,14 +17,18 @@ from typing import Any, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_grid(jobs: Sequence[Any], out: str | os.PathLike, **options: Any) -> list[Any]:
-    """``coqat.sweep.local.run_local`` with one progress line per finished job on stderr;
-    ``options`` are run_local's (workers, threads, deadline, keep_going, ...)."""
+def run_grid(jobs: Sequence[Any], out: str | os.PathLike, quiet: bool = False,
+             **options: Any) -> list[Any]:
+    """``coqat.sweep.local.run_local`` with one progress line per finished job on stderr
+    (none if ``quiet``); ``options`` are run_local's (workers, threads, deadline, ...)."""
     from coqat.sweep.local import run_local
 
-    print(f"{len(jobs)} runs under {out}", file=sys.stderr, flush=True)
-    return run_local(jobs, out, say=lambda line: print(line, file=sys.stderr, flush=True),
-                     **options)
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if not quiet:
+        say(f"{len(jobs)} runs under {out}")
+    return run_local(jobs, out, say=None if quiet else say, **options)
 
 
 def comma_list(text: str) -> list[str]:
