@@ -11,12 +11,13 @@ sweep     QAT fraction 0.1 / 0.25 / 0.5 / 0.75 / 1.0 at W4A4 (QuEST, fused) next
           compute-optimal ``auto`` prediction f = exp(-6.7297 / ln S).
 lambda    CAGE-D / CAGE-C lambda and silence sweep at W4A4, to show what was tried.
 
-Every run goes through ``coqat.training.runner.prepare`` / ``execute``: the code path of
-``coqat train``. Run directories live under ``--out/<space>/<run key>/``; a finished run
-(final.json present) is skipped and an interrupted one is resumed, so the script can be
-called again after a timeout. Runs start in priority order (compare first); with
-``--deadline`` no run is started that would not finish in time, and the report (results
-JSON + README.md, then PNGs) is rewritten after every finished run.
+Every run is a ``coqat.sweep.local`` job, i.e. ``coqat.training.runner.prepare`` /
+``execute``: the code path of ``coqat train``. Run directories live under
+``--out/<space>/<run key>/``; a finished run (final.json present) is read back and an
+interrupted one is resumed, so the script can be called again after a timeout. Runs start
+in priority order (compare first); with ``--deadline`` no run is started that would not
+finish in time, and the report (results JSON + README.md, then PNGs) is rewritten after
+every newly finished run.
 
 Examples::
 
@@ -52,9 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from common import machine_info
+from common import machine_info, pyplot, run_grid
 from coqat.reporting.stats import (gap_closed_of_means, gap_shares, pair_by_seed,
-                                paired_difference, seed_summary, standard_error)
+                                   paired_difference, seed_summary, standard_error)
+from coqat.sweep.local import CACHED, FAILED, SKIPPED, JobOutcome, LocalJob, read_finished
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("compare", "fusion", "sweep", "lambda")
@@ -147,164 +149,34 @@ def plan_runs(parts: Iterable[str], seeds: int) -> list[RunSpec]:
     return sorted(merged.values(), key=lambda s: (s.priority, s.seed))
 
 
-@dataclass(frozen=True)
-class Common:
-    """What every run of one benchmark call shares."""
-
-    space: str
-    steps: int | None
-    batch_size: int | None
-    device: str
-    threads: int
-    out: str
-
-    def space_dir(self, space_name: str) -> Path:
-        return Path(self.out) / space_name
-
-
-def load_bench_space(common: Common):
-    """The space with the benchmark's step count and proportional warm-up; evaluation only
-    at the end (the loop's final evaluation covers the whole validation split)."""
+def bench_options(space: str, steps: int | None, batch_size: int | None) -> dict[str, Any]:
+    """The options every run shares: the benchmark's step count with a proportional warm-up,
+    evaluation only at the end (the loop's final evaluation covers the whole validation
+    split), a checkpoint halfway (to resume after a timeout)."""
     from coqat.config import load_space
 
-    space = load_space(common.space)
-    t = space.train
-    steps = common.steps or t.steps
+    t = load_space(space).train
+    steps = steps or t.steps
     warmup = max(1, round(t.warmup_steps * steps / t.steps))
-    space.train = t.replace(steps=steps, warmup_steps=min(warmup, steps - 1),
-                            batch_size=common.batch_size, eval_every=steps,
-                            checkpoint_every=max(1, steps // 2),
-                            log_every=max(1, min(t.log_every, steps // 20)))
-    return space
+    return {"steps": steps, "warmup_steps": min(warmup, steps - 1), "batch_size": batch_size,
+            "eval_every": steps, "checkpoint_every": max(1, steps // 2),
+            "log_every": max(1, min(t.log_every, steps // 20))}
 
 
-def execute_spec(spec: RunSpec, common: Common) -> dict[str, Any]:
-    """Train one run (or resume it, or read its final.json); never raises."""
-    import torch
-
-    torch.set_num_threads(common.threads)
-    from coqat.errors import CoqatError
-    from coqat.rundir import CHECKPOINT, CONFIG, FINAL, RunDir
-    from coqat.training import runner
-
-    t0 = time.perf_counter()
-    space = load_bench_space(common)
-    path = common.space_dir(space.name) / spec.key
-    base = {"key": spec.key, "run_dir": str(path)}
-    try:
-        if (path / FINAL).exists():
-            return {**base, "status": "ok", "final": json.loads((path / FINAL).read_text()),
-                    "cached": True}
-        if (path / CONFIG).exists():
-            run, final = runner.resume(path, progress=False)
-        else:
-            opts = runner.TrainOptions(
-                bits=spec.bits, seed=spec.seed, device=common.device, progress=False,
-                optimizer="adamw" if spec.method in ("quest", "fp") else spec.method,
-                cage_lambda=spec.lam, cage_silence=spec.silence,
-                qat_fraction=spec.qat_fraction, fuse_cooldown=spec.fused, out=common.out)
-            prep = runner.prepare(space, opts)
-            path.mkdir(parents=True, exist_ok=True)
-            run, final = runner.execute(prep, run=RunDir(path), command="bench-cage")
-        ckpt = path / CHECKPOINT
-        if ckpt.exists():
-            ckpt.unlink()           # scratch runs: the checkpoint is only needed to resume
-        return {**base, "status": "ok", "final": final, "cached": False,
-                "wall_s": time.perf_counter() - t0}
-    except (CoqatError, RuntimeError) as e:  # a diverged or broken run is a result too
-        return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",
-                "wall_s": time.perf_counter() - t0}
-
-
-def _worker_init(threads: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-
-
-def run_all(specs: list[RunSpec], common: Common, workers: int, deadline: float | None,
-            on_result, progress: bool = True,
-            started: float | None = None) -> dict[str, dict[str, Any]]:
-    """Run ``specs`` (``workers`` at a time, each in a fresh process when > 1).
-
-    Runs start in list order. With ``deadline`` (seconds after ``started``, a
-    ``time.monotonic()`` value, default now) a run is started only if the slowest run seen
-    so far would still end before it. ``on_result(results)`` is called
-    after every finished run (to rewrite the report).
-    """
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    import multiprocessing as mp
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeElapsedColumn
-
-    start = time.monotonic() if started is None else started
-    results: dict[str, dict[str, Any]] = {}
-    walls: list[float] = []
-
-    def may_start() -> bool:
-        if deadline is None:
-            return True
-        est = max(walls) if walls else 0.0
-        return time.monotonic() - start + est <= deadline
-
-    def record(res: dict[str, Any]) -> None:
-        results[res["key"]] = res
-        if res.get("wall_s") and not res.get("cached"):
-            walls.append(res["wall_s"])
-        bar.advance(task)
-        status = res["status"] if res["status"] != "ok" else (
-            f"{res['final']['metric_name']} {res['final']['metric']:.4f}")
-        bar.console.print(f"  {res['key']}: {status}"
-                          + (f" ({res['wall_s']:.0f} s)" if res.get("wall_s") else ""))
-        on_result(results)
-
-    pending = list(specs)
-    space_dir = common.space_dir(load_bench_space(common).name)
-    with Progress(TextColumn("[bold]bench-cage"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=not progress) as bar:
-        task = bar.add_task("runs", total=len(specs))
-        for spec in list(pending):       # finished earlier: no process to start
-            cached = _read_existing(space_dir / spec.key, spec.key)
-            if cached is not None:
-                pending.remove(spec)
-                record(cached)
-        if workers <= 1:
-            for spec in pending:
-                if not may_start():
-                    break
-                record(execute_spec(spec, common))
-        else:
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(common.threads,),
-                                     max_tasks_per_child=1) as pool:
-                inflight = {}
-                while pending or inflight:
-                    while pending and len(inflight) < workers and may_start():
-                        spec = pending.pop(0)
-                        inflight[pool.submit(execute_spec, spec, common)] = spec
-                    if not inflight:
-                        break
-                    done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        spec = inflight.pop(fut)
-                        try:
-                            record(fut.result())
-                        except Exception as e:  # a crashed worker process
-                            record({"key": spec.key, "status": "failed",
-                                    "error": f"{type(e).__name__}: {e}"})
-    for spec in specs:
-        results.setdefault(spec.key, {"key": spec.key, "status": "not run (deadline)"})
-    return results
+def job_of(spec: RunSpec, space: str, options: dict[str, Any], device: str) -> LocalJob:
+    return LocalJob(spec.key, space, {
+        **options, "seed": spec.seed, "device": device,
+        "optimizer": "adamw" if spec.method in ("quest", "fp") else spec.method,
+        "cage_lambda": spec.lam, "cage_silence": spec.silence,
+        "qat_fraction": spec.qat_fraction, "fuse_cooldown": spec.fused}, bits=spec.bits)
 
 
 # ------------------------------------------------------------------------------------------
 # analysis
 # ------------------------------------------------------------------------------------------
-def _metric(results: dict[str, dict], spec: RunSpec) -> float | None:
-    r = results.get(spec.key)
-    if not r or r.get("status") != "ok":
-        return None
-    m = r["final"].get("metric")
+def _metric(results: dict[str, JobOutcome], spec: RunSpec) -> float | None:
+    o = results.get(spec.key)
+    m = o.record.metric if o is not None and o.ok else None
     return float(m) if m is not None and math.isfinite(m) else None
 
 
@@ -312,7 +184,7 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return seed_summary(values).to_dict(with_values=True)
 
 
-def analyse(specs: list[RunSpec], results: dict[str, dict], seeds: int,
+def analyse(specs: list[RunSpec], results: dict[str, JobOutcome], seeds: int,
             steps: int, tokens_per_step: int, quant_params: int) -> dict[str, Any]:
     """Tables and verdicts from the finished runs (lower metric = better is assumed for
     the gap arithmetic; the LM workloads report validation loss)."""
@@ -403,19 +275,12 @@ def analyse(specs: list[RunSpec], results: dict[str, dict], seeds: int,
 
 def pull_curves(space_dir: Path, keys: Iterable[str]) -> dict[str, list[tuple[int, float, float]]]:
     """(step, lambda_t, mean ||w - Q(w)|| / ||w||) per run, from metrics.jsonl."""
+    from coqat.rundir import RunDir
+
     curves = {}
     for key in keys:
-        path = space_dir / key / "metrics.jsonl"
-        if not path.exists():
-            continue
-        pts = []
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r.get("kind") == "train" and "cage_pull_mean" in r:
-                pts.append((r["step"], r.get("cage_lambda", 0.0), r["cage_pull_mean"]))
+        pts = [(r["step"], r.get("cage_lambda", 0.0), r["cage_pull_mean"])
+               for r in RunDir(space_dir / key).metrics("train") if "cage_pull_mean" in r]
         if pts:
             curves[key] = pts
     return curves
@@ -424,14 +289,15 @@ def pull_curves(space_dir: Path, keys: Iterable[str]) -> dict[str, list[tuple[in
 # ------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------
-def describe_setup(common: Common, workers: int) -> dict[str, Any]:
+def describe_setup(space: str, options: dict[str, Any], device: str, threads: int,
+                   workers: int) -> dict[str, Any]:
     """Budget, model size, optimizer settings and corpus of the benchmark's runs (built once:
     it constructs the model on the CPU)."""
+    from coqat.config import RunConfig
     from coqat.training import runner
 
-    space = load_bench_space(common)
-    prep = runner.prepare(space, runner.TrainOptions(bits="w4a4", device="cpu",
-                                                     progress=False))
+    prep = runner.prepare(RunConfig.from_options(space, **options, device="cpu",
+                                                 progress=False), "w4a4")
     st = prep.settings
     # LM workloads: one sample = seq_len tokens (the workload's tokens_per_sample() is used
     # by --qat-fraction auto; the sequence length is the token count the study means).
@@ -440,7 +306,7 @@ def describe_setup(common: Common, workers: int) -> dict[str, Any]:
     quant_params = sum(prep.cost.layers[n].params for n in prep.bitconfig.quantized())
     data = dict(prep.data_info)
     return {
-        "space": space.name, "space_sha256": space.fingerprint(),
+        "space": prep.space.name, "space_sha256": prep.space.fingerprint(),
         "steps": st.steps, "batch_size": st.batch_size,
         "tokens_per_step": st.batch_size * tokens_per_sample,
         "tokens_total": st.steps * st.batch_size * tokens_per_sample,
@@ -450,8 +316,7 @@ def describe_setup(common: Common, workers: int) -> dict[str, Any]:
         "lr": st.lr, "warmup_steps": st.warmup_steps, "decay_frac": st.decay_frac,
         "min_lr_ratio": st.min_lr_ratio, "betas": [st.beta1, st.beta2],
         "weight_decay": st.weight_decay, "grad_clip": st.grad_clip,
-        "quantizer": st.quantizer, "device": common.device, "threads": common.threads,
-        "workers": workers,
+        "quantizer": st.quantizer, "device": device, "threads": threads, "workers": workers,
         "pinned": {k: f"w{v.w_bits}a{v.a_bits}" for k, v in prep.resolved.pinned.items()},
         "corpus": {k: data.get(k) for k in ("corpus", "sha256", "split_bytes", "seq_len",
                                             "split_rule")},
@@ -461,21 +326,26 @@ def describe_setup(common: Common, workers: int) -> dict[str, Any]:
     }
 
 
-def collect(specs: list[RunSpec], results: dict[str, dict], common: Common, args_info: dict,
-            seeds: int, setup: dict[str, Any]) -> dict[str, Any]:
+#: a results file's run status for each outcome status (the committed files use these words)
+STATUS = {FAILED: "failed", SKIPPED: "not run (deadline)"}
+
+
+def collect(specs: list[RunSpec], results: dict[str, JobOutcome], space_dir: Path,
+            args_info: dict, seeds: int, setup: dict[str, Any]) -> dict[str, Any]:
     """The results document of one space: setup, every run, the analysis."""
     runs = []
     for s in specs:
-        r = results.get(s.key, {"status": "not run"})
+        o = results.get(s.key)
+        status = "not run" if o is None else "ok" if o.ok else STATUS.get(o.status, "not run")
         row = {**dataclasses.asdict(s), "parts": sorted(s.parts), "key": s.key,
-               "status": r.get("status")}
-        if r.get("status") == "ok":
-            f = r["final"]
-            row.update(metric=f["metric"], metric_name=f["metric_name"], bops=f["bops"],
-                       qat_steps=f["qat_steps"], schedule=f["schedule"],
-                       wall_s=f.get("wall_s"), val_bpb=f.get("eval", {}).get("val_bpb"))
-        elif r.get("error"):
-            row["error"] = r["error"]
+               "status": status}
+        if o is not None and o.ok:
+            f = o.record
+            row.update(metric=f.metric, metric_name=f.metric_name, bops=f.bops,
+                       qat_steps=f.qat_steps, schedule=f.schedule, wall_s=f.wall_s,
+                       val_bpb=f.eval.get("val_bpb"))
+        elif o is not None and o.error:
+            row["error"] = o.error
         runs.append(row)
     analysis = analyse(specs, results, seeds, setup["steps"], setup["tokens_per_step"],
                        setup["quantized_params"])
@@ -490,9 +360,8 @@ def collect(specs: list[RunSpec], results: dict[str, dict], common: Common, args
         "setup": setup,
         "runs": runs,
         "analysis": analysis,
-        "pull_curves": pull_curves(common.space_dir(setup["space"]),
-                                   [s.key for s in specs if s.method != "quest"
-                                    and "compare" in s.parts and s.seed == 0]),
+        "pull_curves": pull_curves(space_dir, [s.key for s in specs if s.method != "quest"
+                                               and "compare" in s.parts and s.seed == 0]),
     }
 
 
@@ -663,10 +532,7 @@ def verdict_lines(cmp: dict[str, Any], lam: dict[str, Any]) -> list[str]:
 
 def make_plots(doc: dict[str, Any], report_dir: Path) -> dict[str, str]:
     """PNG plots next to the README; returns name -> file name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     space = doc["space"]
     a = doc["analysis"]
@@ -799,7 +665,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-dir", default="reports/cage_vs_quest",
                    help="where results-<space>.json, README.md and PNGs go")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress line per run")
     args = p.parse_args(argv)
     preset = PLANS[args.plan]
     for name in ("space", "steps", "seeds", "device", "workers", "threads", "deadline",
@@ -822,25 +688,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()       # the deadline counts from here (start-up included)
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from rich.console import Console
-
-    from coqat.errors import CoqatError
-
-    console = Console(width=100)
     if args.command == "readme":
         path = write_report(Path(args.report_dir), None, with_plots=False)
-        console.print(f"README written to [bold]{path}[/bold]")
+        print(f"README written to {path}")
         return 0
-    common = Common(args.space, args.steps, args.batch_size, args.device, args.threads,
-                    str(Path(args.out).resolve()))
-    specs = plan_runs(args.parts, args.seeds)
-    report_dir = Path(args.report_dir)
+    from coqat.config import load_space
+    from coqat.errors import CoqatError
+
     try:
-        space = load_bench_space(common)
+        space_name = load_space(args.space).name
+        options = bench_options(args.space, args.steps, args.batch_size)
     except CoqatError as e:
-        console.print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    space_dir = common.space_dir(space.name)
+    space_dir = Path(args.out).resolve() / space_name
+    specs = plan_runs(args.parts, args.seeds)
+    jobs = [job_of(s, args.space, options, args.device) for s in specs]
+    report_dir = Path(args.report_dir)
     command = "python benchmarks/cage_vs_quest.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if os.environ.get("OMP_NUM_THREADS"):
@@ -851,48 +715,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         for s in specs:
             done = (space_dir / s.key / "final.json").exists()
-            console.print(f"{'done ' if done else 'to do'}  p{s.priority}  {s.key}"
-                          f"  [{','.join(sorted(s.parts))}]", markup=False)
+            print(f"{'done ' if done else 'to do'}  p{s.priority}  {s.key}"
+                  f"  [{','.join(sorted(s.parts))}]")
         return 0
 
-    setup = describe_setup(common, args.workers)
+    setup = describe_setup(args.space, options, args.device, args.threads, args.workers)
 
-    def report(results: dict[str, dict], plots: bool) -> Path:
-        doc = collect(specs, results, common, args_info, args.seeds, setup)
+    def report(results: dict[str, JobOutcome], plots: bool) -> Path:
+        doc = collect(specs, results, space_dir, args_info, args.seeds, setup)
         return write_report(report_dir, doc, with_plots=plots and not args.no_plots)
 
     if args.command == "report":
         # Keep the provenance of the runs (the command and machine that trained them).
-        previous = report_dir / f"results-{space.name}.json"
+        previous = report_dir / f"results-{space_name}.json"
         if previous.exists():
             old = json.loads(previous.read_text())
             args_info.update(command=old["command"], machine=old["machine"],
                              workers=old["setup"]["workers"])
-        results = {s.key: r for s in specs
-                   if (r := _read_existing(space_dir / s.key, s.key)) is not None}
-        path = report(results, True)
-        console.print(f"report written to [bold]{path}[/bold]")
+        results = {o.key: o for o in read_finished(jobs, space_dir) if o.ok}
+        print(f"report written to {report(results, True)}")
         return 0
 
-    console.print(f"{len(specs)} runs of {space.name}, {space.train.steps} steps each,"
-                  f" {args.workers} at a time on {args.device}; run dirs under {space_dir}")
+    print(f"{len(specs)} runs of {space_name}, {options['steps']} steps each,"
+          f" {args.workers} at a time on {args.device}; run dirs under {space_dir}")
     t0 = time.monotonic()
-    # Tables only after each run (cheap); plots once at the end.
-    results = run_all(specs, common, args.workers, args.deadline,
-                      on_result=lambda res: report(res, False), progress=not args.quiet,
-                      started=started)
+    results: dict[str, JobOutcome] = {}
+
+    def finished(o: JobOutcome) -> None:  # tables after each new run (cheap), plots at the end
+        results[o.key] = o
+        if o.status != CACHED:
+            report(results, False)
+
+    outcomes = run_grid(jobs, space_dir, quiet=args.quiet, workers=args.workers,
+                        threads=args.threads, keep_going=True, drop_checkpoints=True,
+                        deadline=None if args.deadline is None else started + args.deadline,
+                        on_outcome=finished)
+    results = {o.key: o for o in outcomes}
     path = report(results, True)
-    n_ok = sum(r.get("status") == "ok" for r in results.values())
-    console.print(f"{n_ok} of {len(specs)} runs finished in {time.monotonic() - t0:.0f} s;"
-                  f" report written to [bold]{path}[/bold]")
+    n_ok = sum(o.ok for o in outcomes)
+    print(f"{n_ok} of {len(specs)} runs finished in {time.monotonic() - t0:.0f} s;"
+          f" report written to {path}")
     return 0
-
-
-def _read_existing(path: Path, key: str) -> dict[str, Any] | None:
-    final = path / "final.json"
-    if not final.exists():
-        return None
-    return {"key": key, "status": "ok", "final": json.loads(final.read_text()), "cached": True}
 
 
 if __name__ == "__main__":

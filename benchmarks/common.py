@@ -1,77 +1,46 @@
-"""Shared plumbing for benchmark scripts: resumable grids of training runs, machine info.
+"""What the benchmark scripts share: running a grid of jobs, where a benchmark ran, report
+file helpers.
 
-Each benchmark describes its runs as ``Job``s (a space, ``TrainOptions`` and a stable key);
-``run_grid`` trains the missing ones through the library (the code path ``coqat train``
-uses), in parallel worker processes if asked, and returns every job's final record. A job
-whose ``<out>/<key>/final.json`` exists is not run again, so an interrupted benchmark
-resumes where it stopped.
+The runs themselves go through the library: a benchmark describes them as
+``coqat.sweep.local.LocalJob``s and ``run_grid`` hands them to ``run_local`` (parallel,
+resumable: a job whose ``<out>/<key>/final.json`` exists is read back, not run again).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import platform
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass
-class Job:
-    key: str                      # stable, filesystem-safe id: the run directory's name
-    space: str
-    options: dict[str, Any] = field(default_factory=dict)   # TrainOptions fields
+def run_grid(jobs: Sequence[Any], out: str | os.PathLike, quiet: bool = False,
+             **options: Any) -> list[Any]:
+    """``coqat.sweep.local.run_local`` with one progress line per finished job on stderr
+    (none if ``quiet``); ``options`` are run_local's (workers, threads, deadline, ...)."""
+    from coqat.sweep.local import run_local
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if not quiet:
+        say(f"{len(jobs)} runs under {out}")
+    return run_local(jobs, out, say=None if quiet else say, **options)
 
 
-def _run_one(job: Job, out: str, threads: int) -> dict[str, Any]:
-    import torch
-
-    from coqat.rundir import RunDir
-    from coqat.training import runner
-
-    torch.set_num_threads(threads)
-    run_path = Path(out) / job.key
-    if (run_path / "final.json").is_file():
-        return {**json.loads((run_path / "final.json").read_text()), "key": job.key,
-                "run_dir": str(run_path), "cached": True, "job_options": job.options}
-    opts = runner.TrainOptions(**{**job.options, "out": out, "progress": False})
-    prep = runner.prepare(job.space, opts)
-    resume = (run_path / "checkpoints" / "last.pt").is_file()
-    if not resume and run_path.exists():
-        import shutil
-
-        shutil.rmtree(run_path)      # killed before its first checkpoint: start over
-    run_path.mkdir(parents=True, exist_ok=True)
-    _, result = runner.execute(prep, run=RunDir(run_path), resume=resume)
-    return {**result, "key": job.key, "run_dir": str(run_path), "cached": False,
-            "job_options": job.options}
+def comma_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (command-line lists)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def run_grid(jobs: Sequence[Job], out: str | os.PathLike, workers: int = 1,
-             threads: int | None = None) -> list[dict[str, Any]]:
-    """Train every job (skipping finished ones); results in the order of ``jobs``."""
-    out = str(out)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
-    results: dict[str, dict[str, Any]] = {}
-    if workers <= 1:
-        for i, job in enumerate(jobs, 1):
-            print(f"[{i}/{len(jobs)}] {job.key}", file=sys.stderr, flush=True)
-            results[job.key] = _run_one(job, out, threads)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_run_one, job, out, threads): job for job in jobs}
-            for i, fut in enumerate(as_completed(futures), 1):
-                job = futures[fut]
-                results[job.key] = fut.result()
-                print(f"[{i}/{len(jobs)}] {job.key} done", file=sys.stderr, flush=True)
-    return [results[j.key] for j in jobs]
+def space_names(spaces: Sequence[str]) -> list[str]:
+    """The names of spaces given by name or as a path to a TOML file."""
+    from coqat.config import load_space
+
+    return [load_space(sp).name for sp in spaces]
 
 
 def machine_info(device: str | None = None) -> dict[str, Any]:
@@ -125,5 +94,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
-def asdict_safe(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+def read_json(path: str | os.PathLike) -> Any:
+    """A committed results file (one-line error when it is missing or damaged)."""
+    from coqat.util import read_json as read
+
+    return read(path, "a benchmark's results file", "run the benchmark first")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def record_row(outcome: Any, **extra: Any) -> dict[str, Any]:
+    """A finished job as a results-file row: its run record's fields, key and directory."""
+    return {**outcome.record.to_dict(), "key": outcome.key, "run_dir": outcome.run_dir,
+            "cached": outcome.status == "cached", **extra}
+

@@ -10,6 +10,7 @@ Check (issue #7): the W4A4 packed file is at most 0.3x the FP32 one.
 
     python benchmarks/deploy_sizes.py                          # lm-tiny + fashion-resnet, w4a4
     python benchmarks/deploy_sizes.py --bits w4a4,w8a8,w2a2 --steps 200
+    python benchmarks/deploy_sizes.py --readme      # README from results.json
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Job, command_line, machine_info, run_grid, write_json  # noqa: E402
+from common import (ROOT, comma_list, command_line, machine_info, read_json,  # noqa: E402
+                    run_grid, space_names, write_json)
+from coqat.sweep.local import LocalJob  # noqa: E402
 
 
 def main() -> None:
@@ -30,40 +33,47 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override each space's steps")
     ap.add_argument("--formats", default="packed,onnx")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    ap.add_argument("--device", default=None, help="training device (default: the space's)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-deploy"))
     ap.add_argument("--report-dir", default=str(ROOT / "reports" / "deploy"))
+    ap.add_argument("--readme", action="store_true", help="only rewrite README.md from"
+                    " results.json in --report-dir (no runs)")
     args = ap.parse_args()
+    out = Path(args.report_dir)
+    if args.readme:
+        render(read_json(out / "results.json"), out)
+        return
 
-    from coqat.config import load_space
     from coqat.exporters.deploy import deploy
 
-    spaces = args.spaces.split(",")
-    names = [load_space(sp).name for sp in spaces]
-    jobs = [Job(f"{name}-{b}" + (f"-t{args.steps}" if args.steps else ""), sp,
-                {"bits": b, "steps": args.steps})
-            for sp, name in zip(spaces, names) for b in args.bits.split(",")]
+    spaces = comma_list(args.spaces)
+    jobs = [LocalJob(f"{name}-{b}" + (f"-t{args.steps}" if args.steps else ""), sp,
+                     {"steps": args.steps, "device": args.device}, bits=b)
+            for sp, name in zip(spaces, space_names(spaces)) for b in comma_list(args.bits)]
     trained = run_grid(jobs, args.out, threads=args.threads)
     rows = []
     for job, res in zip(jobs, trained):
-        for fmt in args.formats.split(","):
+        for fmt in comma_list(args.formats):
             t0 = time.perf_counter()
-            rep = deploy(res["run_dir"], fmt)
-            rows.append({"run": job.key, "space": job.space, "bits": job.options["bits"],
-                         "config": res["bits"], "format": fmt,
+            rep = deploy(res.run_dir, fmt)
+            rows.append({"run": job.key, "space": job.space, "bits": job.bits,
+                         "config": res.record.bits, "format": fmt,
                          "metric_name": rep.metric_name, "metric": rep.metric,
-                         "qat_metric": rep.reference_metric, "train_metric": res["metric"],
+                         "qat_metric": rep.reference_metric, "train_metric": res.record.metric,
                          "bytes": rep.bytes, "fp32_bytes": rep.fp32_bytes,
                          "ratio": rep.size_ratio, "deploy_s": round(time.perf_counter() - t0, 1)})
             print(f"{job.key} {fmt}: {rep.metric_name} {rep.metric:.4f} (QAT "
                   f"{rep.reference_metric:.4f}), {rep.bytes:,} B = {rep.size_ratio:.3f} x FP32",
                   file=sys.stderr, flush=True)
-    report(rows, Path(args.report_dir))
-
-
-def report(rows: list[dict], out: Path) -> None:
+    doc = {"command": command_line(), "machine": machine_info(), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
-    write_json(out / "results.json", {"command": command_line(), "machine": info, "rows": rows})
+    write_json(out / "results.json", doc)
+    render(doc, out)
+
+
+def render(doc: dict, out: Path) -> None:
+    """README.md from a results document (a fresh one or results.json)."""
+    rows, info = doc["rows"], doc["machine"]
     lines = ["# Deployed size and metric (`coqat deploy`)", "",
              "Packed: integer codes in safetensors (int2 four per byte, 4-bit two per byte, "
              "8-bit as int8) + one FP32 step per output channel; embeddings, norms and float "
@@ -88,7 +98,7 @@ def report(rows: list[dict], out: Path) -> None:
             checks.append(f"- {r['run']}: packed metric equals the QAT model's: "
                           f"{'PASS' if same else 'FAIL'}")
     lines += ["", "## Checks", "", *checks, "", "## Reproduce", "", "```",
-              command_line(), "```", "",
+              doc["command"], "```", "",
               "Training runs with `--threads` torch threads (default 1); the published "
               "numbers were made with `OMP_NUM_THREADS=1 nice -n 10` on a shared machine. "
               "Sizes and metrics do not depend on the machine; times do.", "",

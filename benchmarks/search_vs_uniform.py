@@ -15,9 +15,12 @@ overhead   wall-clock of one search step (weight step + architecture step / arch
            against one QAT step of the same model and batch (target: at most 1.5x).
 report     rewrite README.md / results.json / PNG from the finished jobs.
 
-Resumable: each job's result is ``<out>/results/<key>.json``; a finished job is skipped, so
-the script can be called again after a timeout (the FP phase is cached by run_search too).
-With ``--deadline S`` no job starts after S seconds from the script's start.
+Every job is one ``coqat.bitsearch.run_search`` in ``<out>/<key>`` through the local grid
+runner (``coqat.sweep.local``): a finished job is read back, so the script can be called
+again after a timeout (the FP phase is cached per seed under ``<out>`` too). Optuna jobs
+run after the Gumbel ones, whose search time they get. The FP reference is the cached FP
+phase of each seed, as the Gumbel and Optuna records name it. With ``--deadline S`` no job
+starts that the slowest job so far says would end more than S seconds after the start.
 
 Examples::
 
@@ -39,19 +42,25 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import command_line, machine_info, pyplot, run_grid  # noqa: E402
+from coqat.bitconfig import BitConfig  # noqa: E402
+from coqat.cost.budget import budget_slug  # noqa: E402
+from coqat.records import RunRecord  # noqa: E402
 from coqat.reporting.stats import (config_distance, gap_closed_of_means, gap_shares,  # noqa: E402
-                                pair_by_seed, paired_difference, seed_summary)
+                                   pair_by_seed, paired_difference, seed_summary)
+from coqat.rundir import BITCONFIG, RunDir  # noqa: E402
+from coqat.sweep.local import CACHED, JobOutcome, LocalJob  # noqa: E402
+from coqat.util import atomic_write_json, atomic_write_text  # noqa: E402
+
 HALFWAY = "w4a4+0.5*(w8a8-w4a4)"
 METHODS = ("uniform", "random", "gumbel", "optuna")
 
@@ -62,8 +71,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "workers": 2, "threads": 1, "deadline": None},
     # One H100 (16 cores), one 10-minute call: lm-30m (6 x 640, seq 512) at batch 32;
     # 8 jobs share the GPU. Per seed: FP 300 steps (cached, = the FP reference), search
-    # 150 steps, 4 final QATs of 300 steps. Jobs start FP/search chains first; nothing
-    # starts after 480 s, so the call ends with a report. Call again to finish the rest.
+    # 150 steps, 4 final QATs of 300 steps. Gumbel searches start first; no job starts
+    # that the slowest so far says would end after 480 s, so the call ends with a report.
+    # Call again to finish the rest.
     "gpu": {"space": "lm-30m", "budgets": ["w4a4", HALFWAY], "seeds": 3, "steps": 300,
             "fp_steps": 300, "search_steps": 150, "batch_size": 32, "device": "cuda",
             "workers": 8, "threads": 2, "deadline": 480},
@@ -75,149 +85,48 @@ SMOKE = {"space": str(ROOT / "tests" / "fixtures" / "lm-micro.toml"), "steps": 6
 
 # ------------------------------------------------------------------------------------------
 # jobs
-def job_key(method: str, budget: str, seed: int) -> str:
-    from coqat.bitsearch.pipeline import _slug
-
-    return f"{method}-{_slug(budget)}-s{seed}"
-
-
-def _options(cfg: dict[str, Any], seed: int, out: Path):
-    from coqat.training.runner import TrainOptions
-
-    return TrainOptions(steps=cfg["steps"], batch_size=cfg["batch_size"], seed=seed,
-                        device=cfg["device"], out=str(out / "runs"), progress=False)
-
-
-def _overrides(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"fp_steps": cfg["fp_steps"], "search_steps": cfg["search_steps"],
-            **cfg.get("search_set", {})}
+def job_key(label: str, budget: str, seed: int) -> str:
+    return f"{label}-{budget_slug(budget)}-s{seed}"
 
 
 def _label(cfg: dict[str, Any], method: str) -> str:
     """Result name of a searched method: ``gumbel``, or ``gumbel-<tag>`` for a variant run
     with other [search] settings (--tag/--search-set); baselines carry no tag."""
-    return f"{method}-{cfg['tag']}" if cfg.get("tag") else method
+    return f"{method}-{cfg['tag']}" if cfg.get("tag") and method in ("gumbel", "optuna") \
+        else method
 
 
-def _save(out: Path, key: str, rec: dict[str, Any]) -> None:
-    from coqat.util import atomic_write_json
-
-    atomic_write_json(out / "results" / f"{key}.json", rec)
-
-
-def _load(out: Path, key: str) -> dict[str, Any] | None:
-    p = out / "results" / f"{key}.json"
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def _layer_bits(run_dir: str) -> dict[str, str]:
-    doc = json.loads((Path(run_dir) / "bitconfig.json").read_text())
-    out = {}
-    for name, e in doc["layers"].items():
-        w = 16 if e["weight"] is None else e["weight"]["bits"]
-        a = 16 if e["input_act"] is None else e["input_act"]["bits"]
-        out[name] = f"w{w}a{a}"
-    return out
-
-
-def _one_search(cfg, out: Path, method: str, budget: str, seed: int,
-                optuna_seconds: float | None = None) -> dict[str, Any]:
-    from coqat.bitsearch import run_search
-
-    t0 = time.perf_counter()
-    run, res = run_search(cfg["space"], budget, method, _options(cfg, seed, out),
-                          overrides=_overrides(cfg), optuna_seconds=optuna_seconds)
-    keep = ("method", "seed", "budget_expr", "budget_bops", "achieved_bops",
-            "achieved_over_budget", "searchable_over_budget", "metric", "metric_name",
-            "higher_is_better",
-            "bits_histogram", "repair", "uniform", "optuna", "mu_final",
-            "search_phase_wall_s", "search_wall_s", "wall_s", "run_dir")
-    rec = {k: res[k] for k in keep if k in res}
-    rec["layer_bits"] = _layer_bits(run.path)
-    rec["job_wall_s"] = round(time.perf_counter() - t0, 1)
-    return rec
-
-
-def run_job(kind: str, cfg: dict[str, Any], out: str, seed: int,
-            budgets: list[str], deadline_at: float | None) -> list[str]:
-    """One worker task: a seed's chain (FP reference, then Gumbel and Optuna per budget,
-    which reuse its FP phase) or one independent baseline (uniform / random at a budget)."""
-    import torch
-
-    from coqat.bitsearch import plan_search
-    from coqat.bitsearch.pipeline import load_or_train_fp
-
-    torch.set_num_threads(cfg["threads"])
-    out_p = Path(out)
-    done: list[str] = []
-
-    def time_left() -> bool:
-        return deadline_at is None or time.time() < deadline_at
-
-    if kind == "chain":
-        key = f"fp-s{seed}"
-        if _load(out_p, key) is None and time_left():
-            job = plan_search(cfg["space"], budgets[0], "gumbel", _options(cfg, seed, out_p),
-                              overrides=_overrides(cfg))
-            info = load_or_train_fp(job, lambda _m: None)
-            _save(out_p, key, {"method": "fp", "seed": seed, "metric": info["metric"],
-                               "bops": job.fp_prep.cost.fp32_bops(), "cache": info["cache"]})
-            done.append(key)
-        for budget in budgets:
-            g = job_key(_label(cfg, "gumbel"), budget, seed)
-            if "gumbel" in cfg["methods"] and _load(out_p, g) is None and time_left():
-                _save(out_p, g, _one_search(cfg, out_p, "gumbel", budget, seed))
-                done.append(g)
-            o = job_key(_label(cfg, "optuna"), budget, seed)
-            if "optuna" in cfg["methods"] and _load(out_p, o) is None and time_left():
-                gres = _load(out_p, g)
-                secs = gres.get("search_phase_wall_s") if gres else None
-                _save(out_p, o, _one_search(cfg, out_p, "optuna", budget, seed, secs))
-                done.append(o)
-        return done
-    key = job_key(kind, budgets[0], seed)
-    if _load(out_p, key) is None and time_left():
-        _save(out_p, key, _one_search(cfg, out_p, kind, budgets[0], seed))
-        done.append(key)
-    return done
-
-
-def plan_tasks(cfg: dict[str, Any]) -> list[tuple[str, int, list[str]]]:
-    """Chains first (they are longest and unblock Optuna), then the independent baselines."""
-    tasks = [("chain", s, list(cfg["budgets"])) for s in range(cfg["seeds"])]
-    for budget, s, m in itertools.product(cfg["budgets"], range(cfg["seeds"]),
-                                          ("uniform", "random")):
-        if m in cfg["methods"]:
-            tasks.append((m, s, [budget]))
-    return tasks
+def jobs_of(cfg: dict[str, Any], method: str, seconds: dict[str, float] | None = None
+            ) -> list[LocalJob]:
+    """One search per budget and seed; ``seconds``: time limits by key (Optuna)."""
+    opts = {k: cfg[k] for k in ("steps", "fp_steps", "search_steps", "batch_size", "device")}
+    opts.update(cfg.get("search_set", {}))
+    return [LocalJob(key, cfg["space"], {**opts, "seed": seed}, budget=budget, method=method,
+                     seconds=(seconds or {}).get(key))
+            for budget in cfg["budgets"] for seed in range(cfg["seeds"])
+            for key in [job_key(_label(cfg, method), budget, seed)]]
 
 
 def run(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results").mkdir(exist_ok=True)
-    deadline_at = time.time() + cfg["deadline"] if cfg.get("deadline") else None
-    tasks = plan_tasks(cfg)
-    print(f"{len(tasks)} tasks on {cfg['workers']} worker(s); results in {out}/results",
-          file=sys.stderr, flush=True)
-    if cfg["workers"] <= 1:
-        for t in tasks:
-            done = run_job(t[0], cfg, str(out), t[1], t[2], deadline_at)
-            print(f"task {t[0]} s{t[1]} {t[2]}: {done}", file=sys.stderr, flush=True)
-            write_report(cfg, out, report_dir)
-    else:
-        import multiprocessing as mp
+    """Gumbel first (longest, and Optuna gets its search time), then the baselines, then
+    Optuna with the wall-clock of the Gumbel search of its seed and budget."""
+    first = [j for m in ("gumbel", "uniform", "random") if m in cfg["methods"]
+             for j in jobs_of(cfg, m)]
 
-        with ProcessPoolExecutor(max_workers=cfg["workers"],
-                                 mp_context=mp.get_context("spawn")) as pool:
-            pending = {pool.submit(run_job, t[0], cfg, str(out), t[1], t[2], deadline_at): t
-                       for t in tasks}
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    t = pending.pop(f)
-                    print(f"task {t[0]} s{t[1]} {t[2]}: {f.result()}", file=sys.stderr,
-                          flush=True)
-                write_report(cfg, out, report_dir)
+    def ran(o: JobOutcome) -> None:        # a report after every new run, in case of a timeout
+        if o.status != CACHED:
+            write_report(cfg, out, report_dir)
+
+    grid = {"workers": cfg["workers"], "threads": cfg["threads"], "on_outcome": ran,
+            "deadline": time.monotonic() + cfg["deadline"] if cfg.get("deadline") else None}
+    done = run_grid(first, out, **grid)
+    if "optuna" in cfg["methods"]:
+        seconds = {job_key(_label(cfg, "optuna"), j.budget, j.options["seed"]):
+                   o.record.search.search_phase_wall_s
+                   for j, o in zip(first, done) if j.method == "gumbel" and o.ok}
+        if grid["deadline"] is not None:   # the same rule as within a call: the slowest job
+            grid["deadline"] -= max((o.wall_s for o in done), default=0.0)
+        run_grid(jobs_of(cfg, "optuna", seconds), out, **grid)
     write_report(cfg, out, report_dir)
 
 
@@ -230,20 +139,19 @@ def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str
     import torch
 
     from coqat.bitconfig import LayerBits
-    from coqat.quant import quantize_model
     from coqat.bitsearch import GumbelSearch, SearchProblem, SearchSettings, to_search_model
+    from coqat.config import RunConfig
+    from coqat.cost import Budget
+    from coqat.quant import quantize_model
     from coqat.training.loop import build_optimizer
-    from coqat.training.runner import TrainOptions, prepare
-    from common import command_line, machine_info
+    from coqat.training.runner import prepare
 
     torch.set_num_threads(threads)
-    prep = prepare(space, TrainOptions(progress=False))
+    prep = prepare(RunConfig.from_options(space, progress=False), "fp")
     wl, bs = prep.workload, prep.settings.batch_size
     base = prep.model
     problem = SearchProblem.build(prep.resolved, prep.cost)
-    from coqat.cost import parse_budget
-
-    budget = parse_budget("w4a4", prep.cost, prep.resolved.pinned)
+    budget = Budget.parse("w4a4", prep.cost, prep.resolved.pinned).bops
     settings = SearchSettings()
     batches = [wl.get_batch("train", i, bs) for i in range(steps + 2)]
     holdout = [wl.get_batch("holdout", i, settings.resolved_arch_batch(bs))
@@ -291,8 +199,6 @@ def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str
            "passed": amortised <= 1.5 * med["qat_w4a4"],
            "command": command_line(), "machine": machine_info()}
     report_dir.mkdir(parents=True, exist_ok=True)
-    from coqat.util import atomic_write_json
-
     atomic_write_json(report_dir / f"overhead_{'cuda' if torch.cuda.is_available() else 'cpu'}"
                                    f"_t{threads}.json", res)
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=2))
@@ -301,13 +207,21 @@ def overhead(space: str, steps: int, threads: int, report_dir: Path) -> dict[str
 
 # ------------------------------------------------------------------------------------------
 # report
-def _methods_found(out: Path, budget: str) -> list[str]:
-    """METHODS, then any tagged variants (gumbel-<tag>) that have results for ``budget``."""
-    from coqat.bitsearch.pipeline import _slug
+def _finished(out: Path, budget: str) -> dict[str, dict[int, RunRecord]]:
+    """Finished runs of ``budget`` by method label (METHODS first, then tagged variants
+    such as gumbel-<tag> found on disk) and seed."""
+    tail = f"-{budget_slug(budget)}-s"
+    found: dict[str, dict[int, RunRecord]] = {}
+    for final in out.glob(f"*{tail}*/final.json"):
+        label, _, seed = final.parent.name.rpartition(tail)
+        if seed.isdigit():
+            found.setdefault(label, {})[int(seed)] = RunRecord.read(RunDir(final.parent))
+    return {m: found.get(m, {}) for m in [*METHODS, *sorted(set(found) - set(METHODS))]}
 
-    tail = f"-{_slug(budget)}-s"
-    found = {p.name.split(tail)[0] for p in (out / "results").glob(f"*{tail}*.json")}
-    return list(METHODS) + sorted(found - set(METHODS))
+
+def _layer_bits(rec: RunRecord) -> dict[str, str]:
+    cfg = BitConfig.load(Path(rec.run_dir) / BITCONFIG)
+    return {name: bits.label for name, bits in cfg.layers.items()}
 
 
 def _stats(xs) -> dict[str, Any]:
@@ -316,36 +230,35 @@ def _stats(xs) -> dict[str, Any]:
 
 def analyse(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     seeds = range(cfg["seeds"])
-    fp = {s: _load(out, f"fp-s{s}") for s in seeds}
-    hib = [r["higher_is_better"] for r in fp.values() if r and "higher_is_better" in r]
-    rows = []
+    fp: dict[int, float] = {}                  # the FP phase each seed's searches started from
+    rows, hib = [], []
     for budget in cfg["budgets"]:
-        methods = _methods_found(out, budget)
-        per = {m: {s: _load(out, job_key(m, budget, s)) for s in seeds} for m in methods}
-        for m in methods:
-            res = {s: r for s, r in per[m].items() if r is not None}
+        for m, per in _finished(out, budget).items():
+            res = {s: r for s, r in sorted(per.items()) if s in seeds}
+            for s, r in res.items():
+                if (r.search.fp_phase or {}).get("metric") is not None:
+                    fp.setdefault(s, r.search.fp_phase["metric"])
             if not res:
                 continue
-            hib += [r["higher_is_better"] for r in res.values() if "higher_is_better" in r]
+            hib += [r.higher_is_better for r in res.values()]
+            srch = [r.search for r in res.values()]
+            layer_bits = [_layer_bits(r) for r in res.values()]
             rows.append({
                 "budget": budget, "method": m, "seeds": sorted(res),
-                "metric": _stats([r["metric"] for r in res.values()]),
-                "achieved_over_budget": _stats([r["achieved_over_budget"] for r in res.values()]),
-                "searchable_over_budget": _stats([r["searchable_over_budget"]
-                                                  for r in res.values()]),
-                "gbops": _stats([r["achieved_bops"] / 1e9 for r in res.values()]),
-                "config_spread_layers": config_distance([r["layer_bits"]
-                                                         for r in res.values()]),
-                "n_layers": len(next(iter(res.values()))["layer_bits"]),
-                "bits": {s: r["bits_histogram"] for s, r in res.items()},
-                "search_wall_s": _stats([r.get("search_phase_wall_s") or r.get("search_wall_s")
-                                         for r in res.values()]),
-                "optuna_trials": [r["optuna"]["trials"] for r in res.values() if r.get("optuna")],
-                "per_seed": {s: r["metric"] for s, r in res.items() if r["metric"] is not None},
+                "metric": _stats([r.metric for r in res.values()]),
+                "achieved_over_budget": _stats([x.achieved_over_budget for x in srch]),
+                "searchable_over_budget": _stats([x.searchable_over_budget for x in srch]),
+                "gbops": _stats([x.achieved_bops / 1e9 for x in srch]),
+                "config_spread_layers": config_distance(layer_bits),
+                "n_layers": len(layer_bits[0]),
+                "bits": {s: r.search.bits_histogram for s, r in res.items()},
+                "search_wall_s": _stats([x.search_phase_wall_s or x.search_wall_s
+                                         for x in srch]),
+                "optuna_trials": [x.optuna["trials"] for x in srch if x.optuna],
+                "per_seed": {s: r.metric for s, r in res.items() if r.metric is not None},
             })
-    a = {"fp": _stats([r["metric"] for r in fp.values() if r]), "rows": rows,
-         "fp_per_seed": {s: r["metric"] for s, r in fp.items() if r},
-         "higher_is_better": bool(hib and hib[0])}
+    a = {"fp": _stats([fp[s] for s in sorted(fp)]), "rows": rows,
+         "fp_per_seed": {s: fp[s] for s in sorted(fp)}, "higher_is_better": bool(hib and hib[0])}
     return derive_gaps(a)
 
 
@@ -380,9 +293,6 @@ def derive_gaps(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_report(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
-    from common import command_line, machine_info
-    from coqat.util import atomic_write_json, atomic_write_text
-
     report_dir.mkdir(parents=True, exist_ok=True)
     a = analyse(cfg, out)
     doc = {"config": {k: v for k, v in cfg.items()}, "analysis": a, "command": command_line(),
@@ -394,8 +304,6 @@ def write_report(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
 
 def rerender(report_dir: Path) -> None:
     """RESULTS.md and the plot again from results.json (e.g. runs made on another machine)."""
-    from coqat.util import atomic_write_json, atomic_write_text
-
     doc = json.loads((report_dir / "results.json").read_text())
     if any("per_seed" not in r for r in doc["analysis"]["rows"]):
         sys.exit(f"{report_dir}/results.json has no per-seed metrics (an older format):"
@@ -468,11 +376,7 @@ def _markdown(a: dict[str, Any], cfg: dict[str, Any]) -> str:
 
 
 def _plot(a: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in a["rows"] if r["metric"]["n"]]
     if not rows:
         return
@@ -524,7 +428,8 @@ def main() -> None:
         p.add_argument("--device")
         p.add_argument("--workers", type=int)
         p.add_argument("--threads", type=int)
-        p.add_argument("--deadline", type=float, help="start no job after this many seconds")
+        p.add_argument("--deadline", type=float, help="start no job that would end after this many"
+                       " seconds (judged by the slowest job so far)")
         p.add_argument("--tag", default="", help="name of a variant of the searched methods"
                        " (results gumbel-<tag>, optuna-<tag>); use with --search-set")
         p.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",

@@ -11,6 +11,7 @@ width never beats a higher one), and W8A8 is within 1% of FP.
     python benchmarks/uniform_precision.py                       # lm-tiny + fashion-resnet
     python benchmarks/uniform_precision.py --spaces lm-tiny --seeds 0,1,2 --workers 2
     python benchmarks/uniform_precision.py --seeds 0,1,2 --space-seeds lm-tiny=0,1,2,3,4
+    python benchmarks/uniform_precision.py --readme     # README + plot from results.json
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Job, command_line, machine_info, run_grid, write_json  # noqa: E402
+from common import (ROOT, comma_list, command_line, machine_info, pyplot, read_json,  # noqa: E402
+                    record_row, run_grid, space_names, write_json)
+from coqat.sweep.local import LocalJob  # noqa: E402
 from coqat.reporting.stats import SeedSummary, ordering_inversions, seed_summary  # noqa: E402
 
 BITS = ["fp", "w8a8", "w6a6", "w4a4", "w3a3", "w2a2"]
@@ -39,24 +42,41 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-uniform"))
     ap.add_argument("--report-dir", default=str(ROOT / "reports" / "uniform_precision"))
+    ap.add_argument("--readme", action="store_true", help="only rewrite README.md and the"
+                    " plot from results.json in --report-dir (no runs)")
     args = ap.parse_args()
+    out = Path(args.report_dir)
+    if args.readme:
+        render(read_json(out / "results.json"), out)
+        return
 
-    from coqat.config import load_space
-
-    spaces = args.spaces.split(",")
-    names = [load_space(sp).name for sp in spaces]   # a space may be given as a path
-    bits = args.bits.split(",")
-    seeds = {name: [int(s) for s in args.seeds.split(",")] for name in names}
+    spaces = comma_list(args.spaces)
+    names = space_names(spaces)
+    bits = comma_list(args.bits)
+    seeds = {name: [int(s) for s in comma_list(args.seeds)] for name in names}
     for item in args.space_seeds:
         name, _, values = item.partition("=")
         if name not in seeds:
             ap.error(f"--space-seeds {item!r}: {name!r} is not one of {', '.join(names)}")
-        seeds[name] = [int(s) for s in values.split(",")]
-    jobs = [Job(f"{name}-{b}-s{seed}" + (f"-t{args.steps}" if args.steps else ""), sp,
-                {"bits": b, "seed": seed, "steps": args.steps, "device": args.device})
+        seeds[name] = [int(s) for s in comma_list(values)]
+    jobs = [LocalJob(f"{name}-{b}-s{seed}" + (f"-t{args.steps}" if args.steps else ""), sp,
+                     {"seed": seed, "steps": args.steps, "device": args.device}, bits=b)
             for sp, name in zip(spaces, names) for b in bits for seed in seeds[name]]
-    results = run_grid(jobs, args.out, workers=args.workers)
-    report(results, names, bits, seeds, Path(args.report_dir))
+    outcomes = run_grid(jobs, args.out, workers=args.workers)
+    # the bits asked for (a run's own label says 'mixed' when the space pins layers)
+    results = [record_row(o, job_options={"bits": j.bits, **j.options})
+               for j, o in zip(jobs, outcomes)]
+    summary = {}
+    for space in names:
+        rows = summarize(results, space, bits)
+        ordered, inversions, within = checks(rows)
+        summary[space] = {"rows": rows, "ordered_by_width": ordered, "inversions": inversions,
+                          "w8a8_within_1pct": within}
+    doc = {"machine": machine_info(), "command": command_line(), "summary": summary,
+           "runs": results}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", doc)
+    render(doc, out)
 
 
 def summarize(results, space, bits):
@@ -103,33 +123,26 @@ def _ordering_line(ordered: bool, inversions: list[dict]) -> str:
                                                               for v in inversions) else ""))
 
 
-def report(results, spaces, bits, seeds, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
+def render(doc: dict, out: Path) -> None:
+    """README.md and the plot from a results document (a fresh one or results.json)."""
+    plt = pyplot()
+    machine, summary = doc["machine"], doc["summary"]
     lines = ["# Uniform-precision QAT at equal steps", "",
              "QuEST (Hadamard + RMS-optimal clip + trust mask), QAT from scratch, every bit",
              "width with the same steps, schedule and seeds. BOPs per coqat's conventions",
              "(`coqat bops`): FP32 reference = 32x32; pinned float layers and attention",
              "matmuls count 16x16.", "",
-             f"Command: `{command_line()}`", "",
+             f"Command: `{doc['command']}`", "",
              f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), device"
              f" {machine['device']}, torch {machine['torch']}, python {machine['python']},"
              f" coqat {machine['coqat']}.", ""]
-    fig, axes = plt.subplots(1, len(spaces), figsize=(5.5 * len(spaces), 4), squeeze=False)
-    summary = {}
-    for ax, space in zip(axes[0], spaces):
-        rows = summarize(results, space, bits)
-        ordered, inversions, within = checks(rows)
-        summary[space] = {"rows": rows, "ordered_by_width": ordered, "inversions": inversions,
-                          "w8a8_within_1pct": within}
+    fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4), squeeze=False)
+    for ax, (space, s) in zip(axes[0], summary.items()):
+        rows = s["rows"]
+        seeds = list(dict.fromkeys(r["seed"] for r in doc["runs"] if r["space"] == space))
         name = rows[0]["metric_name"]
         lines += [f"## {space}", "",
-                  f"{rows[0]['steps']} steps, seeds {','.join(map(str, seeds[space]))};"
+                  f"{rows[0]['steps']} steps, seeds {','.join(map(str, seeds))};"
                   f" metric `{name}` ({'higher' if rows[0]['higher_is_better'] else 'lower'}"
                   " is better).", "",
                   f"| bits | GBOPs | % of FP32 | {name} | vs FP | wall (s) |",
@@ -140,11 +153,11 @@ def report(results, spaces, bits, seeds, out: Path) -> None:
             rel = (r["mean"] - fp) / abs(fp) * 100
             lines.append(f"| {r['bits']} | {r['gbops']:.3f} | {100 * r['frac_fp32']:.2f} |"
                          f" {r['mean']:.4f}{spread} | {rel:+.2f}% | {r['wall_s']:.0f} |")
-        lines += ["", _ordering_line(ordered, inversions),
-                  f"- W8A8 within 1% of FP: **{'yes' if within else 'NO'}**", ""]
-        xs = [r["gbops"] for r in rows]
-        ys = [r["mean"] for r in rows]
-        ax.errorbar(xs, ys, yerr=[r["std"] for r in rows], marker="o")
+        lines += ["", _ordering_line(s["ordered_by_width"], s["inversions"]),
+                  f"- W8A8 within 1% of FP: **{'yes' if s['w8a8_within_1pct'] else 'NO'}**",
+                  ""]
+        ax.errorbar([r["gbops"] for r in rows], [r["mean"] for r in rows],
+                    yerr=[r["std"] for r in rows], marker="o")
         for r in rows:
             ax.annotate(r["bits"], (r["gbops"], r["mean"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
@@ -157,8 +170,6 @@ def report(results, spaces, bits, seeds, out: Path) -> None:
     fig.savefig(out / "uniform_precision.png", dpi=120)
     lines += ["![metric vs GBOPs](uniform_precision.png)", ""]
     (out / "README.md").write_text("\n".join(lines))
-    write_json(out / "results.json", {"machine": machine, "command": command_line(),
-                                      "summary": summary, "runs": results})
     print("\n".join(lines))
 
 
