@@ -531,12 +531,16 @@ def demo(
     steps: Annotated[Optional[int], typer.Option("--steps", help="steps per phase (default"
                                                  " 200)")] = None,
     budget: Annotated[str, typer.Option("--budget", help="BOPs budget of the search")] = "w4a4",
+    target: Annotated[str, typer.Option(
+        "--target", help="search only what this runtime serves: onnx | vllm | torchao | json"
+        " (json: anything coqat trains)")] = "onnx",
 ) -> None:
     """The embedded default end to end on the CPU: count BOPs, search per-layer bits for a
     budget, train uniform precision at equal BOPs, compare, write the report and the config."""
     from coqat.demo import run_demo
 
-    run_demo(console, out=out, steps=steps, budget=budget)
+    run_demo(console, out=out, steps=steps, budget=budget,
+             target=None if target == "json" else target)
 
 
 # ------------------------------------------------------------------------------ the errors

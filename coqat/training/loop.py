@@ -160,6 +160,10 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                     writer.save_checkpoint(_state(model, optimizer, done, hooks))
                 if stop.requested and done < schedule.total_steps:
                     raise KeyboardInterrupt
+            # the reported metric; the bar shows it, not the last periodic evaluation
+            final = _evaluate(model, workload, settings, device, env,
+                              max_batches=settings.final_eval_batches or None)
+            bar.note(f"final {workload.metric}", final.get(workload.metric))
     except KeyboardInterrupt:
         # Ctrl-C lands here at a step boundary (see _GracefulStop); a KeyboardInterrupt
         # raised mid-step saves the last completed step.
@@ -169,8 +173,6 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                              f" coqat train --resume {run.path}") from None
         raise
 
-    final = _evaluate(model, workload, settings, device, env,
-                      max_batches=settings.final_eval_batches or None)
     digests = env.all_gather_object(weights_digest(model)) if env.enabled else None
     if digests is not None and len(set(digests)) != 1:
         raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
