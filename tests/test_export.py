@@ -340,17 +340,11 @@ def test_the_demo_configuration_exports_to_onnx_and_onnxruntime_matches_coqat(tm
                      .replace("eval_batch_size = 32", "eval_batch_size = 16")
                      .replace("checkpoint_every = 100", "checkpoint_every = 100\n"
                               "final_eval_batches = 2"))
-    w = {"q_proj": 8, "k_proj": 4, "v_proj": 2, "o_proj": 4, "gate_proj": 2, "up_proj": 8,
-         "down_proj": 4}
-
-    def bits(n: str, lb: LayerBits) -> LayerBits:
-        if n == "lm_head":
-            return lb
-        layer, kind = int(n.split(".")[2]), n.rsplit(".", 1)[-1]
-        a = 4 if (layer + (kind in ("gate_proj", "up_proj", "down_proj"))) % 2 else 8
-        return LayerBits(w[kind] if layer % 2 else {2: 8, 4: 2, 8: 4}[w[kind]], a, "quest")
-
-    run = _train(tmp_path / "runs", str(space), "demo-onnx", bits, steps=4)
+    spec = importlib.util.spec_from_file_location(
+        "export_consumers", ROOT / "reports" / "deploy" / "export_consumers.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)         # the configuration its report measures
+    run = _train(tmp_path / "runs", str(space), "demo-onnx", report.demo_bits, steps=4)
     loaded = load_run(run)
     used = {(lb.w_bits, lb.a_bits) for lb in loaded.bitconfig.quantized().values()}
     assert {w for w, _ in used} == {2, 4, 8} and {a for _, a in used} == {4, 8}
@@ -607,6 +601,20 @@ def test_a_missing_optional_dependency_is_a_one_line_error_naming_the_extra(
         assert module.replace("_", "-") in msg and "install coqat[export]" in msg, msg
         assert "\n" not in msg
     assert not any(tmp_path.iterdir())                    # nothing written
+
+
+def test_an_installed_package_that_fails_to_import_is_not_called_missing(tmp_path,
+                                                                         monkeypatch):
+    """A shadowed or broken dependency (benchmarks/kernels.py shadowed HF's `kernels` and
+    broke transformers) must not be reported as 'not installed'."""
+    from coqat.export.common import require
+
+    (tmp_path / "brokenpkg").mkdir()
+    (tmp_path / "brokenpkg" / "__init__.py").write_text("import coqat_no_such_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(CoqatError, match=r"needs brokenpkg, which is installed but fails to "
+                                         r"import .*coqat_no_such_module_xyz"):
+        require("onnx", "brokenpkg")
 
 
 # ------------------------------------------------------------------------- json + CLI

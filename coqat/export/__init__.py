@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from coqat.errors import CoqatError
+from coqat.export.common import ExportRefused, ExportResult
 from coqat.export.targets import TARGETS, Target, get_target
 
 FORMATS = ("onnx", "compressed-tensors", "torchao", "json")
 
-__all__ = ["TARGETS", "Target", "get_target", "FORMATS", "export_run", "export_model",
-           "explain_export"]
+__all__ = ["TARGETS", "Target", "get_target", "FORMATS", "ExportRefused", "ExportResult",
+           "export_run", "export_model", "explain_export"]
 
 
 def _check_format(fmt: str) -> None:
@@ -39,7 +40,7 @@ def _check_format(fmt: str) -> None:
 
 
 def _export(source: Any, fmt: str, out: str | Path | None, approx: bool,
-            check_batches: int) -> Any:
+            check_batches: int) -> ExportResult:
     if check_batches < 0:
         raise CoqatError(f"check_batches {check_batches} must be >= 0 (0: no check)")
     if fmt == "onnx":
@@ -64,7 +65,7 @@ def _export(source: Any, fmt: str, out: str | Path | None, approx: bool,
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
-               approx: bool = False, check_batches: int = 2) -> Any:
+               approx: bool = False, check_batches: int = 2) -> ExportResult:
     """Export a finished run directory to ``fmt``; returns an ``ExportResult``.
 
     ``out`` defaults to ``<run_dir>/exports/<fmt>``. ``approx`` allows documented
@@ -79,7 +80,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
 
 
 def export_model(model: Any, bitconfig: Any, fmt: str, out: str | Path, approx: bool = False,
-                 check_batches: int = 2, **source: Any) -> Any:
+                 check_batches: int = 2, **source: Any) -> ExportResult:
     """Export a QAT model in memory (``source``: keyword arguments of
     ``coqat.export.source.from_model``: name, example_inputs, evaluate, metric,
     higher_is_better, hf_dir). Quantized layers must be nn.Linear / nn.Conv2d named as in

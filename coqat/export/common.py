@@ -95,11 +95,16 @@ def require(fmt: str, *modules: str) -> None:
     a missing one surfaced as a ModuleNotFoundError traceback deep inside an adapter.
     """
     for name in modules:
+        package = name.split(".")[0].replace("_", "-")
         try:
             with quiet_stderr():  # torchao / transformers log on import
                 importlib.import_module(name)
-        except ImportError:
-            package = name.split(".")[0].replace("_", "-")
+        except ImportError as e:
+            if e.name != name:
+                # installed, but something it imports is broken or shadowed: say which
+                raise CoqatError(f"{fmt} needs {package}, which is installed but fails to "
+                                 f"import ({type(e).__name__}: {e}); reinstall coqat[export] "
+                                 "or remove what shadows it") from None
             raise CoqatError(f"{fmt} needs the Python package {package}, which is not "
                              "installed; install coqat[export] (pip install 'coqat[export]')") \
                 from None

@@ -144,6 +144,8 @@ def from_run(loaded: Any) -> ExportSource:
         model=loaded.model, bitconfig=loaded.bitconfig, label=str(path),
         build_float=lambda: fresh_model(wl), example_inputs=tuple(wl.example_inputs()),
         bitconfig_doc=doc, workload_name=loaded.workload_name, path=path, hf_config=hf,
+        # a workload built from a Hugging Face folder names it here (tokenizer files)
+        hf_dir=Path(wl.hf_dir) if getattr(wl, "hf_dir", None) else None,
         evaluate=lambda m, n: float(wl.evaluate(m, max_batches=n)[wl.metric]),
         metric=wl.metric, higher_is_better=wl.higher_is_better,
         explain="--explain",
@@ -236,5 +238,5 @@ def check_note(check: dict[str, Any]) -> str:
         return f"not checked in {check['consumer']} ({check['why']})"
     verdict = "matches" if check["within_tolerance"] else "differs from"
     return (f"checked in {check['consumer']}: {check['metric']} {check['exported']:.4f} "
-            f"{verdict} coqat's {check['coqat']:.4f} (gap {check['gap']:+.4f}, "
+            f"{verdict} coqat's {check['coqat']:.4f} (gap {check['gap']:+.3g}, "
             f"{check['batches']} batches)")

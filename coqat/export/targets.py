@@ -1,9 +1,11 @@
 """Deployment targets: which bit widths each can run and which layers it forces to agree.
 
 The search uses these to restrict its candidates (``coqat search --target vllm``), so that
-every point on a frontier is deployable; every export adapter checks a BitConfig against
-its target and lists *all* violations rather than coercing anything. Facts from
-reference/export_formats.md:
+every point on a frontier is deployable; export adapters check a BitConfig against them and
+report every violation (the refusal names the first and counts the rest) rather than
+coercing anything. ``Target.quantizers`` names the quantizers whose numerics the target's
+runtimes reproduce (vllm, torchao: RTN; their loaders apply no Hadamard rotation), so a
+search for a target should train with one of them. Facts from reference/export_formats.md:
 
 - ``onnx``: standard QuantizeLinear/DequantizeLinear types are int8/uint8 and int4/uint4
   (opset 21) and int2/uint2 (opset 25); 3-, 5- and 6-bit have no standard ONNX type.
