@@ -31,6 +31,7 @@ from coqat.config import (DEFAULT_SPACE, RunConfig, SearchSpace, bits_from_cli, 
                           space_for_workload)
 from coqat.cost import CostModel
 from coqat.errors import CoqatError
+from coqat.exporters import explain_export as explain_run
 from coqat.exporters import export_run
 from coqat.exporters.common import ExportResult
 from coqat.exporters.deploy import DeployReport
@@ -47,7 +48,7 @@ from coqat.workloads import (UserModel, get_workload, load_object, load_user_mod
                              use_user_model)
 
 __all__ = ["BopsReport", "UserModel", "bops", "quantize_", "train", "resume", "search",
-           "frontier", "work_on", "export", "deploy", "report", "plan", "model_and_inputs",
+           "frontier", "work_on", "export", "explain_export", "deploy", "report", "plan", "model_and_inputs",
            "parse_shape", "resolve_model", "use_model"]
 
 
@@ -291,12 +292,23 @@ def report(path: str | Path, out: str | Path | None = None, html: bool = True
 
 
 def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None,
-           approx: bool = False, model: Any = None) -> ExportResult:
-    """Export a finished run to onnx | compressed-tensors | torchao | json (``coqat export``).
-    A run of your own model needs the same ``model`` again."""
+           approx: bool = False, model: Any = None, check_batches: int = 2) -> ExportResult:
+    """Export a finished run to onnx | compressed-tensors | torchao | json (``coqat export``),
+    then load the files in their real consumer (onnxruntime, transformers, torchao) and
+    compare the metric on ``check_batches`` batches (0: no check). A run of your own model
+    needs the same ``model`` again."""
     if model is not None:
         use_model(model)
-    return export_run(run_dir, format, out, approx=approx)
+    return export_run(run_dir, format, out, approx=approx, check_batches=check_batches)
+
+
+def explain_export(run_dir: str | Path, format: str = "onnx", approx: bool = False,
+                   model: Any = None) -> list[str]:
+    """Every reason an export of the run to ``format`` would be refused (empty: it would
+    be written), the decisive one first; nothing is written."""
+    if model is not None:
+        use_model(model)
+    return explain_run(run_dir, format, approx)
 
 
 def deploy(run_dir: str | Path, format: str = "packed", out: str | Path | None = None,

@@ -433,15 +433,36 @@ def export(
     approx: Annotated[bool, typer.Option(
         "--approx", help="allow the documented approximations a format needs for coqat's"
         " QuEST numerics (listed in the output) instead of refusing")] = False,
+    check_batches: Annotated[int, typer.Option(
+        "--check-batches", help="after writing, load the export in its real consumer and"
+        " compare the metric on this many batches (0: no check)")] = 2,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="list every reason the export would be refused; write nothing")]
+    = False,
     model: ModelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a run's per-layer bit configuration and weights to a deployment format."""
+    from coqat.api import explain_export
+
+    if explain:
+        problems = explain_export(run, fmt, approx, model=model)
+        if json_out:
+            _emit_json({"format": fmt, "problems": problems})
+            return
+        _say(f"{fmt}: " + ("nothing stops this export" if not problems else
+                           f"{len(problems)} problem(s)"))
+        for p in problems:
+            _say(f"- {p}")
+        return
+    if check_batches < 0:
+        raise CoqatError(f"--check-batches {check_batches} must be >= 0")
     if json_out:
-        _emit_json(coqat.export(run, fmt, out, approx, model=model).to_dict())
+        _emit_json(coqat.export(run, fmt, out, approx, model=model,
+                                check_batches=check_batches).to_dict())
         return
     with console.status(f"exporting to {fmt} ...", spinner="dots"):
-        result = coqat.export(run, fmt, out, approx, model=model)
+        result = coqat.export(run, fmt, out, approx, model=model, check_batches=check_batches)
     kind = "exact" if result.exact else "approximate"
     _say(f"{result.format} export of {result.run_dir} ({kind}) written to {result.out_dir}")
     t = Table(box=None, pad_edge=False, show_header=False)

@@ -1,9 +1,11 @@
 """Deployment targets: which bit widths each can run and which layers it forces to agree.
 
 The search uses these to restrict its candidates (``coqat search --target vllm``), so that
-every point on a frontier is deployable; every export adapter checks a BitConfig against
-its target and lists *all* violations rather than coercing anything. Facts from
-reference/export_formats.md:
+every point on a frontier is deployable; export adapters check a BitConfig against them and
+report every violation (the refusal names the first and counts the rest) rather than
+coercing anything. ``Target.quantizers`` names the quantizers whose numerics the target's
+runtimes reproduce (vllm, torchao: RTN; their loaders apply no Hadamard rotation), so a
+search for a target should train with one of them. Facts from reference/export_formats.md:
 
 - ``onnx``: standard QuantizeLinear/DequantizeLinear types are int8/uint8 and int4/uint4
   (opset 21) and int2/uint2 (opset 25); 3-, 5- and 6-bit have no standard ONNX type.
@@ -31,24 +33,29 @@ class Target:
     tie_weights: bool                     # tie groups must also share w_bits (fused shards)
     ops: frozenset[str]                   # layer types it can quantize ("Linear", "Conv2d")
     description: str
+    # quantizers whose numerics the format's runtimes reproduce exactly; a search for this
+    # target should train with one of them (others export only with --approx)
+    quantizers: frozenset[str] = frozenset({"quest", "rtn"})
 
     def allows(self, w_bits: int, a_bits: int) -> bool:
         return w_bits in self.weight_bits and a_bits in self.act_bits
 
     def violations(self, cfg: BitConfig, ops: dict[str, str] | None = None) -> list[str]:
-        """Every reason ``cfg`` cannot be served by this target (empty: deployable)."""
+        """Every reason ``cfg`` cannot be served by this target (empty: deployable), one
+        short line each, in model order."""
         bad: list[str] = []
         for name, b in cfg.layers.items():
             if b.is_float:
                 continue
+            if ops and ops.get(name) and ops[name] not in self.ops:
+                bad.append(f"layer {name} is a {ops[name]} ({self.name} quantizes "
+                           f"{', '.join(sorted(self.ops))} layers)")
             if b.w_bits not in self.weight_bits:
-                bad.append(f"{name}: {b.w_bits}-bit weights (allowed: "
+                bad.append(f"layer {name} has {b.w_bits}-bit weights ({self.name} serves "
                            f"{_fmt(self.weight_bits)})")
             if b.a_bits not in self.act_bits:
-                bad.append(f"{name}: {b.a_bits}-bit activations (allowed: "
+                bad.append(f"layer {name} has {b.a_bits}-bit activations ({self.name} serves "
                            f"{_fmt(self.act_bits)})")
-            if ops and ops.get(name) and ops[name] not in self.ops:
-                bad.append(f"{name}: {ops[name]} layers are not quantized by {self.name}")
         for group in cfg.tie_groups:
             present = [n for n in group if n in cfg.layers]
             schemes = {(cfg.layers[n].w_bits if self.tie_weights else None,
@@ -62,14 +69,16 @@ class Target:
     def check(self, cfg: BitConfig, ops: dict[str, str] | None = None) -> None:
         bad = self.violations(cfg, ops)
         if bad:
-            more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
-            raise CoqatError(f"{self.name} cannot serve this configuration: "
-                             f"{'; '.join(bad[:4])}{more}; search with --target {self.name}"
-                             " or pick a config within its legal set")
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise CoqatError(f"{self.name} cannot serve this configuration: {bad[0]}{more}; "
+                             f"search with --target {self.name} or pick a config within its "
+                             "legal set")
 
 
 def _fmt(bits: frozenset[int]) -> str:
-    return ", ".join("16 (float)" if b == FLOAT_BITS else str(b) for b in sorted(bits))
+    """'2, 4, 8, 16 = float'"""
+    text = ", ".join(str(b) for b in sorted(bits))
+    return text + " = float" if FLOAT_BITS in bits else text
 
 
 TARGETS: dict[str, Target] = {
@@ -81,10 +90,12 @@ TARGETS: dict[str, Target] = {
                    "ONNX QDQ: int8/int4 (opset 21), int2 (opset 25)"),
     "vllm": Target("vllm", frozenset({4, 8, FLOAT_BITS}), frozenset({8, FLOAT_BITS}), True,
                    frozenset({"Linear"}),
-                   "compressed-tensors for vLLM: W4A16, W8A16, W4A8, W8A8; fused shards tied"),
+                   "compressed-tensors for vLLM: W4A16, W8A16, W4A8, W8A8; fused shards tied",
+                   frozenset({"rtn"})),
     "torchao": Target("torchao", frozenset(QUANT_BITS + (FLOAT_BITS,)), frozenset({8, FLOAT_BITS}),
                       False, frozenset({"Linear"}),
-                      "torchao FqnToConfig: intx weights, int8 dynamic or float activations"),
+                      "torchao FqnToConfig: intx weights, int8 dynamic or float activations",
+                      frozenset({"rtn"})),
 }
 
 

@@ -1,15 +1,18 @@
-"""What every export adapter shares: the result record, the refusal message and the
-all-or-nothing output directory.
+"""What every export adapter shares: the result record, the refusal, the optional-dependency
+check, the all-or-nothing output directory and the check against the real consumer.
 
 An adapter never coerces: it collects *every* reason a configuration cannot be written
-exactly in its format and raises one CoqatError listing them all. When the caller allows
-approximations (``approx=True``), the same reasons become ``approximations`` in the
+exactly in its format, decisive one first. The refusal (``ExportRefused``, a CoqatError)
+names that one, counts the rest and gives the fix, in one short line; the full list is on
+the exception (``.problems``) and from ``coqat.exporters.explain_export``. When the caller
+allows approximations (``approx=True``), the same reasons become ``approximations`` in the
 result and in the export's ``export.json`` manifest, so the tool always says what it did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -22,21 +25,26 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from coqat.errors import CoqatError
-from coqat.util import sha256_file
+from coqat.util import _umask, sha256_file
 
 MANIFEST = "export.json"
 
-__all__ = ["ExportResult", "MANIFEST", "refuse", "staged_dir", "quiet_stderr",
-           "default_out_dir"]
+__all__ = ["ExportResult", "ExportRefused", "MANIFEST", "refuse", "staged_dir", "quiet_stderr",
+           "default_out_dir", "require", "write_manifest"]
+
+# The longest first problem quoted in a refusal; the whole line stays under ~300 characters.
+_FIRST_PROBLEM_CHARS = 120
 
 
 @dataclass
 class ExportResult:
     """What an export wrote and how faithful it is.
 
-    ``exact``: the files reproduce coqat's numerics (up to float summation order);
-    ``approximations``: each place where they do not (empty when exact);
-    ``notes``: how coqat's quantizers were represented in the format.
+    ``exact``: the files, run by the consumer the export was checked with, reproduce coqat's
+    numerics (up to float summation order); ``approximations``: each place where coqat
+    changed the model to fit the format (empty unless ``approx=True``); ``notes``: how
+    coqat's quantizers were represented, and where a runtime's own rules differ;
+    ``details['check']``: the metric of the written files in the consumer next to coqat's.
     """
 
     format: str
@@ -52,15 +60,69 @@ class ExportResult:
         return asdict(self)
 
 
-def refuse(fmt: str, problems: list[str], fix: str) -> None:
-    """Raise one CoqatError listing every problem (no truncation), or return if none."""
-    if problems:
-        raise CoqatError(f"cannot export to {fmt}: {len(problems)} problem"
-                         f"{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}; {fix}")
+class ExportRefused(CoqatError):
+    """A configuration the format cannot hold; ``problems`` lists every reason."""
+
+    def __init__(self, message: str, fmt: str, problems: list[str]):
+        super().__init__(message)
+        self.format = fmt
+        self.problems = list(problems)
+
+
+def refuse(fmt: str, problems: list[str], fix: str, explain: str | None = None) -> None:
+    """Raise ``ExportRefused`` unless ``problems`` is empty.
+
+    The message: the first (decisive) problem, how many more, the fix and, when there are
+    more, what lists them all (``explain``: the CLI's ``--explain`` flag, or for the Python
+    API ``ExportRefused.problems``).
+    """
+    if not problems:
+        return
+    first = problems[0]
+    if len(first) > _FIRST_PROBLEM_CHARS:
+        first = first[:_FIRST_PROBLEM_CHARS - 3] + "..."
+    rest = len(problems) - 1
+    more = f" and {rest} more problem{'s' if rest > 1 else ''}" if rest else ""
+    tail = f"; {explain} lists them all" if rest and explain else ""
+    raise ExportRefused(f"cannot export to {fmt}: {first}{more}; fix: {fix}{tail}", fmt,
+                        problems)
+
+
+def require(fmt: str, *modules: str) -> None:
+    """Import ``modules`` or raise a one-line CoqatError naming the extra to install.
+
+    Every export format's third-party packages come with the ``export`` extra; without this
+    a missing one surfaced as a ModuleNotFoundError traceback deep inside an adapter.
+    """
+    for name in modules:
+        package = name.split(".")[0].replace("_", "-")
+        try:
+            with quiet_stderr():  # torchao / transformers log on import
+                importlib.import_module(name)
+        except ImportError as e:
+            if e.name != name:
+                # installed, but something it imports is broken or shadowed: say which
+                raise CoqatError(f"{fmt} needs {package}, which is installed but fails to "
+                                 f"import ({type(e).__name__}: {e}); reinstall coqat[export] "
+                                 "or remove what shadows it") from None
+            raise CoqatError(f"{fmt} needs the Python package {package}, which is not "
+                             "installed; install coqat[export] (pip install 'coqat[export]')") \
+                from None
 
 
 def default_out_dir(run_dir: str | Path, fmt: str) -> Path:
     return Path(run_dir) / "exports" / fmt
+
+
+def _give_umask_modes(root: Path) -> None:
+    """mkdtemp makes the directory 0700 and some writers (safetensors) make files 0600;
+    an export is meant to be shared, so give it the modes a plain mkdir / open would."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -69,6 +131,7 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
 
     A failure leaves no half-written export. An existing ``out`` is replaced only if it is
     an earlier coqat export (it has ``export.json``) or empty; anything else is refused.
+    Files and directories get the umask's modes.
     """
     out = Path(out)
     if out.exists():
@@ -85,6 +148,7 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
                          "pointing to a writable place") from None
     try:
         yield tmp
+        _give_umask_modes(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -123,3 +187,23 @@ def quiet_stderr() -> Iterator[None]:
             yield
     finally:
         logging.disable(previous)
+
+
+def layer_problems(hard: list[str], reasons: dict[str, list[str]], approx: bool) -> list[str]:
+    """What refuses an export, decisive first: ``hard`` problems (no approximation fixes
+    them), then, unless ``approx``, one line per layer and reason."""
+    if hard or approx:
+        return list(hard)
+    return [f"layer {fqn}: {reason}" for fqn, why in reasons.items() for reason in why]
+
+
+def layer_approximations(reasons: dict[str, list[str]], errors: dict[str, float]
+                         ) -> list[str]:
+    """One line per approximated layer; ``errors`` adds the relative weight error of the
+    layers whose weights were re-rounded."""
+    out = []
+    for fqn, why in reasons.items():
+        if why:
+            err = f" (weight error {errors[fqn]:.3f})" if fqn in errors else ""
+            out.append(f"{fqn}: {'; '.join(why)}{err}")
+    return out

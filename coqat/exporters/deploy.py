@@ -293,9 +293,10 @@ def deploy(run_dir: str | Path, fmt: str = "packed", out: str | Path | None = No
                      "float parts FP32; unpacked and dequantized on the fly")
     else:
         from coqat.exporters.onnx_export import OrtModule, export_onnx, ort_session
+        from coqat.exporters.source import from_run
 
         say("exporting ONNX")
-        res = export_onnx(loaded, out)
+        res = export_onnx(from_run(loaded), out, check_batches=0)  # evaluated below
         file = Path(res.out_dir) / res.details["file"]
         model = OrtModule(ort_session(file, optimize=True))
         notes += res.notes + ["evaluated with onnxruntime (CPU, ORT_ENABLE_ALL, "

@@ -11,13 +11,12 @@ HAWQ-style ``bit_config`` dicts are not written: HAWQ keys its own wrapper modul
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from coqat.exporters.common import ExportResult, default_out_dir, staged_dir, write_manifest
-from coqat.exporters.loading import LoadedRun
+from coqat.exporters.common import ExportResult, staged_dir, write_manifest
 from coqat.exporters.qparams import QPARAMS, write_qparams
+from coqat.exporters.source import ExportSource
 
 __all__ = ["export_json", "layer_rows"]
 
@@ -40,21 +39,22 @@ def layer_rows(doc: dict) -> list[dict]:
     return rows
 
 
-def export_json(loaded: LoadedRun, out: str | Path | None = None) -> ExportResult:
+def export_json(source: ExportSource, out: str | Path | None = None) -> ExportResult:
     """Copy the canonical artifact (validated) and write the per-layer table."""
-    src = loaded.run.file("bitconfig.json")
-    doc = json.loads(src.read_text())  # validated by load_run
-    out = Path(out) if out else default_out_dir(loaded.path, "json")
-    notes = list(loaded.notes) + ["bitconfig.json validated against coqat.bitconfig/v1"]
-    result = ExportResult("json", str(out), str(loaded.path), exact=True, notes=notes,
+    doc = source.bitconfig_doc  # a run's is validated by load_run
+    out = source.out_dir(out, "json")
+    notes = list(source.notes) + ["bitconfig.json validated against coqat.bitconfig/v1"]
+    result = ExportResult("json", str(out), source.label, exact=True, notes=notes,
                           details={"layers": len(doc["layers"]),
-                                   "quantized": len(loaded.bitconfig.quantized())})
+                                   "quantized": len(source.bitconfig.quantized())})
     with staged_dir(out) as tmp:
-        shutil.copyfile(src, tmp / "bitconfig.json")
-        if loaded.run.has(QPARAMS):
-            shutil.copyfile(loaded.run.file(QPARAMS), tmp / QPARAMS)
-        elif loaded.bitconfig.quantized():
-            write_qparams(tmp, loaded.model, loaded.bitconfig)
+        (tmp / "bitconfig.json").write_text(source.bitconfig_json())
+        run_qparams = source.path / QPARAMS if source.path is not None else None
+        if run_qparams is not None and run_qparams.is_file():
+            # the run's own (load_run checked it against the weights; it names their hash)
+            shutil.copyfile(run_qparams, tmp / QPARAMS)
+        else:
+            write_qparams(tmp, source.model, source.bitconfig)
         lines = ["\t".join(COLUMNS)]
         lines += ["\t".join(str(r[c]) for c in COLUMNS) for r in layer_rows(doc)]
         (tmp / "layers.tsv").write_text("\n".join(lines) + "\n")

@@ -45,7 +45,6 @@ import contextlib
 import copy
 import json
 import logging
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,9 +55,9 @@ from torch import nn
 
 from coqat.bitconfig import FLOAT_BITS
 from coqat.errors import CoqatError
-from coqat.exporters.common import (ExportResult, default_out_dir, quiet_stderr, refuse, staged_dir,
+from coqat.exporters.common import (ExportResult, quiet_stderr, refuse, require, staged_dir,
                                  write_manifest)
-from coqat.exporters.loading import LoadedRun
+from coqat.exporters.source import ExportSource, LogitsOf, check_in_consumer, check_note, is_hf
 from coqat.exporters.qparams import as_quant_module, rotated_float_weight, weight_codes
 from coqat.targets import get_target
 from coqat.kernels.pack import pack_codes
@@ -100,12 +99,13 @@ class _Placeholder(nn.Module):
 
 
 # ------------------------------------------------------------------------- problems
-def onnx_problems(loaded: LoadedRun) -> list[str]:
-    """Every reason the run's configuration cannot be written as ONNX QDQ."""
-    cfg = loaded.bitconfig
-    problems = get_target("onnx").violations(cfg, loaded.ops())
+def onnx_problems(source: ExportSource, approx: bool = False) -> list[str]:
+    """Every reason the configuration cannot be written as ONNX QDQ (``approx`` changes
+    nothing: the export is exact or refused)."""
+    cfg = source.bitconfig
+    problems = get_target("onnx").violations(cfg, source.ops())
     for fqn, lb in cfg.quantized().items():
-        mod = loaded.model.get_submodule(fqn)
+        mod = source.model.get_submodule(fqn)
         if isinstance(mod, nn.Conv2d):
             if mod.padding_mode != "zeros":
                 problems.append(f"{fqn}: padding_mode {mod.padding_mode!r} (only zeros)")
@@ -309,28 +309,34 @@ def _strip_stack_traces(proto) -> None:
 
 
 def _dynamic_batch(inputs: tuple[torch.Tensor, ...]):
+    """(inputs, dynamic_shapes) with a dynamic batch dim. An example batch of 1 is doubled:
+    torch.export specializes a dimension whose example size is 1 (an HF Llama exported from
+    a batch-1 example kept a static batch of 1)."""
     batch = torch.export.Dim("batch")
-    return tuple({0: batch} for _ in inputs)
+    inputs = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs)
+    return inputs, tuple({0: batch} for _ in inputs)
 
 
-def build_onnx_model(loaded: LoadedRun):
-    """The checked ``onnx.ModelProto`` of the run (no files written)."""
+def build_onnx_model(source: ExportSource):
+    """The checked ``onnx.ModelProto`` of the model (no files written)."""
     import onnx
 
-    cfg = loaded.bitconfig
-    quant = {fqn: as_quant_module(loaded.model.get_submodule(fqn), lb)
+    cfg = source.bitconfig
+    quant = {fqn: as_quant_module(source.model.get_submodule(fqn), lb)
              for fqn, lb in cfg.quantized().items()}
-    shell = copy.deepcopy(loaded.model).eval()
+    shell = copy.deepcopy(source.model).eval()
     for fqn, module in quant.items():
         parent, _, child = fqn.rpartition(".")
         setattr(shell.get_submodule(parent) if parent else shell, child,
                 _Placeholder(fqn, module))
-    inputs = tuple(loaded.workload.example_inputs())
+    inputs, dynamic = _dynamic_batch(source.example_inputs)
     with quiet_stderr(), _quiet_torch_onnx(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            prog = torch.onnx.export(shell, inputs, dynamo=True, opset_version=21,
-                                     dynamic_shapes=_dynamic_batch(inputs), verbose=False,
+            # an HF model returns a ModelOutput (and a KV cache): export its logits only
+            root = LogitsOf(shell) if is_hf(shell) else shell
+            prog = torch.onnx.export(root, inputs, dynamo=True, opset_version=21,
+                                     dynamic_shapes=dynamic, verbose=False,
                                      report=False)
         except Exception as e:  # the user's model may not be exportable
             raise CoqatError(f"torch.onnx could not export the model "
@@ -367,8 +373,8 @@ def build_onnx_model(loaded: LoadedRun):
             o.version = opset
     proto.ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(
         list(proto.opset_import)))
-    meta = {"coqat.format": "coqat ONNX QDQ v1", "coqat.run": str(loaded.path),
-            "coqat.workload": loaded.workload_name,
+    meta = {"coqat.format": "coqat ONNX QDQ v1", "coqat.run": source.label,
+            "coqat.workload": source.workload_name,
             "coqat.bits": json.dumps({k: v.label + ("" if v.quantizer == "quest" else "-rtn")
                                       for k, v in cfg.layers.items()}),
             "coqat.quest_grid": "weights: DQ(codes, step, zero_point=-1) - step/2; "
@@ -382,29 +388,52 @@ def build_onnx_model(loaded: LoadedRun):
     return proto, opset
 
 
-def export_onnx(loaded: LoadedRun, out: str | Path | None = None) -> ExportResult:
-    """Write ``model.onnx`` (+ ``bitconfig.json``, ``export.json``) for a finished run."""
+def export_onnx(source: ExportSource, out: str | Path | None = None,
+                check_batches: int = 2) -> ExportResult:
+    """Write ``model.onnx`` (+ ``bitconfig.json``, ``export.json``); evaluate it with
+    onnxruntime next to coqat's QAT model (``details['check']``)."""
+    require("onnx", "onnx", "onnxscript", "onnxruntime")
     import onnx
 
-    refuse("onnx", onnx_problems(loaded),
-           "train or search with bits ONNX can hold (2, 4, 8 or 16; --target onnx)")
-    proto, opset = build_onnx_model(loaded)
-    out = Path(out) if out else default_out_dir(loaded.path, "onnx")
-    quest = [f for f, lb in loaded.bitconfig.quantized().items() if lb.quantizer == "quest"]
+    refuse("onnx", onnx_problems(source), "search or train with --target onnx (weights and "
+           "activations at 2, 4, 8 or 16 bits)", source.explain)
+    proto, opset = build_onnx_model(source)
+    out = source.out_dir(out, "onnx")
+    quest = [f for f, lb in source.bitconfig.quantized().items() if lb.quantizer == "quest"]
     notes = [f"opset {opset}" + (" (2-bit tensors present)" if opset == 25 else ""),
-             "inputs have a dynamic batch dim; other dims as the workload's example input"]
+             _batch_note(proto)]
     if quest:
         notes.append(f"{len(quest)} QuEST layer(s): Hadamard rotation as explicit float64 "
                      "MatMul nodes; half-integer weight grid as DequantizeLinear(zero_point=-1)"
                      " minus step/2 (b-bit storage; not fused into MatMulNBits by ORT)")
-    result = ExportResult("onnx", str(out), str(loaded.path), exact=True, notes=notes,
+    result = ExportResult("onnx", str(out), source.label, exact=True, notes=notes,
                           details={"opset": opset, "ir_version": proto.ir_version,
-                                   "file": ONNX_FILE})
+                                   "file": ONNX_FILE, "inputs": _input_dims(proto)})
     with staged_dir(out) as tmp:
         onnx.save(proto, str(tmp / ONNX_FILE))
-        shutil.copyfile(loaded.run.file("bitconfig.json"), tmp / "bitconfig.json")
+        (tmp / "bitconfig.json").write_text(source.bitconfig_json())
+        check = check_in_consumer(source, "onnxruntime (CPU, ORT_DISABLE_ALL)",
+                                  lambda: OrtModule(ort_session(tmp / ONNX_FILE)),
+                                  check_batches, True)
+        result.details["check"] = check
+        result.notes.append(check_note(check))
         write_manifest(tmp, result)
     return result
+
+
+def _input_dims(proto) -> dict[str, list]:
+    """Graph input name -> dims (a name for a dynamic dim, an int for a static one)."""
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in proto.graph.input}
+
+
+def _batch_note(proto) -> str:
+    """What the file really has, read back from the graph (not what was asked for)."""
+    dims = list(_input_dims(proto).values())
+    if dims and all(d and isinstance(d[0], str) for d in dims):
+        return "inputs have a dynamic batch dim; other dims as the example input"
+    return ("inputs have a static batch of " + ", ".join(str(d[0]) for d in dims if d)
+            + " (torch.export specialized it); other dims as the example input")
 
 
 # ------------------------------------------------------------------------- runtime
