@@ -77,6 +77,8 @@ class TrainSettings:
     #: matmul backend of quantized layers: auto (Triton on CUDA, torch reference on CPU),
     #: triton (fail if unavailable) or reference (always the torch reference)
     kernels: str = "auto"
+    #: torch.compile the training step: "auto" (on CUDA, eager on the CPU), true or false
+    compile: bool | str = "auto"
 
     def validate(self, where: str = "[train]") -> "TrainSettings":
         def need(cond: bool, msg: str) -> None:
@@ -115,6 +117,8 @@ class TrainSettings:
              "cage_schedule must be 'linear' or 'constant'")
         need(self.kernels in ("auto", "triton", "reference"),
              f"kernels must be auto, triton or reference (got {self.kernels!r})")
+        need(self.compile in ("auto", True, False),
+             f"compile must be 'auto', true or false (got {self.compile!r})")
         return self
 
     def replace(self, **changes: Any) -> "TrainSettings":

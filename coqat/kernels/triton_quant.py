@@ -44,21 +44,23 @@ from coqat.kernels.triton_rotate import (
     ChunkTiling,
     chunk_coords,
     dot_dtype,
+    TL_DTYPES,
+    hadamard_tile,
+    load_hadamard,
     num_sms,
     rotate_tile,
-    sylvester_tile,
 )
 from coqat.quant.hadamard import hadamard_scale
 from coqat.quant.quantizers import ALPHA, default_trust
 
-__all__ = ["quantize_rows_triton", "QuantConfig", "quant_config"]
+__all__ = ["quantize_rows_triton", "QuantConfig", "quant_config", "DEFAULT_CONFIG"]
 
 # Magic constant for round-half-to-even of a float32 |t| < 2^22: 1.5 * 2^23.
 _RNE_MAGIC = tl.constexpr(12582912.0)
 _QUEST_EPS = 1e-8
 _RTN_EPS = 1e-12
 # Persistent programs per SM (the grid is min(row blocks, this x SMs)).
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -82,14 +84,14 @@ def _row_stat(r, QUEST: tl.constexpr, BM: tl.constexpr, CPT: tl.constexpr):
 
 
 @triton.jit
-def _load_rotated(x_ptr, row0, chunk0, M, K, stride_x, h, BM: tl.constexpr, CPT: tl.constexpr,
+def _load_rotated(x_ptr, row0, chunk0, M, K, stride_x, h_ptr, BM: tl.constexpr, CPT: tl.constexpr,
                   G: tl.constexpr, B: tl.constexpr, HSCALE: tl.constexpr, SPLIT: tl.constexpr,
                   DT: tl.constexpr):
     """A tile of rows as float32, rotated when B > 1 (zeros past the ends of the rows)."""
     row, col, offs, ok = chunk_coords(row0, chunk0, M, K, stride_x, BM, CPT, G)
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
     if B > 1:
-        r = rotate_tile(x, h, SPLIT, DT, HSCALE)
+        r = rotate_tile(x, load_hadamard(h_ptr, G), SPLIT, DT, HSCALE)
     else:
         r = x.to(tl.float32)
     return r, row, col, ok
@@ -159,7 +161,7 @@ def _quantize_store(r, row, col, chunk0, ok, step, inv_step, lo, hi, radius,
 
 @triton.jit
 def _quantize_rows_kernel(
-        x_ptr, codes_ptr, step_ptr, mask_ptr, rowsum_ptr,
+        x_ptr, h_ptr, codes_ptr, step_ptr, mask_ptr, rowsum_ptr,
         M, K, stride_x, stride_c, stride_m,
         alpha, eps, levels, trust, clip_ratio, qmax,
         BM: tl.constexpr, CPT: tl.constexpr, SEG: tl.constexpr, G: tl.constexpr,
@@ -167,21 +169,17 @@ def _quantize_rows_kernel(
         QUEST: tl.constexpr, ODD: tl.constexpr, FP8: tl.constexpr,
         WITH_MASK: tl.constexpr, WITH_ROWSUM: tl.constexpr):
     """Persistent programs, each looping over blocks of BM rows: statistic, step, codes."""
-    if B > 1:
-        h = sylvester_tile(G, B, DT)     # built once a program
-    else:
-        h = 0
     n_blocks = tl.cdiv(M, BM)
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         row0 = blk * BM
         rows = row0 + tl.arange(0, BM)
 
         # Sweep 1: the row statistic of the rotated rows.
-        r, row, col, ok = _load_rotated(x_ptr, row0, 0, M, K, stride_x, h, BM, CPT, G, B,
+        r, row, col, ok = _load_rotated(x_ptr, row0, 0, M, K, stride_x, h_ptr, BM, CPT, G, B,
                                         HSCALE, SPLIT, DT)
         stat = _row_stat(r, QUEST, BM, CPT)
         for s in range(1, SEG):
-            r, row, col, ok = _load_rotated(x_ptr, row0, s * CPT, M, K, stride_x, h, BM, CPT, G,
+            r, row, col, ok = _load_rotated(x_ptr, row0, s * CPT, M, K, stride_x, h_ptr, BM, CPT, G,
                                             B, HSCALE, SPLIT, DT)
             if QUEST:
                 stat += _row_stat(r, QUEST, BM, CPT)
@@ -211,7 +209,7 @@ def _quantize_rows_kernel(
                                radius, codes_ptr, mask_ptr, stride_c, stride_m, M, K, BM, CPT,
                                G, QUEST, ODD, FP8, WITH_MASK)
         for s in range(0, SEG - 1):
-            r, row, col, ok = _load_rotated(x_ptr, row0, s * CPT, M, K, stride_x, h, BM, CPT, G,
+            r, row, col, ok = _load_rotated(x_ptr, row0, s * CPT, M, K, stride_x, h_ptr, BM, CPT, G,
                                             B, HSCALE, SPLIT, DT)
             csum += _quantize_store(r, row, col, s * CPT, ok, step, inv_step, lo, hi, radius,
                                     codes_ptr, mask_ptr, stride_c, stride_m, M, K, BM, CPT,
@@ -225,15 +223,20 @@ class QuantConfig(NamedTuple):
     warps a program (None: by tile size), ``programs_per_sm`` persistent programs an SM on
     CUDA (0: one program a row block), or exactly ``grid`` programs."""
 
-    tile_elems: int = 16384
+    tile_elems: int = 8192
     num_warps: int | None = None
     programs_per_sm: int = PROGRAMS_PER_SM
     grid: int | None = None
 
 
+# The launch K1 uses when none is given; benchmarks/kernels.py sweeps the alternatives on
+# the GPU and reports the fastest (reports/kernels.md).
+DEFAULT_CONFIG = QuantConfig()
+
+
 def quant_config() -> QuantConfig:
     """The default K1 launch (see ``QuantConfig``)."""
-    return QuantConfig()
+    return DEFAULT_CONFIG
 
 
 def quantize_rows_triton(x: torch.Tensor, q: RowQuantizer, with_mask: bool = True,
@@ -269,12 +272,12 @@ def quantize_rows_triton(x: torch.Tensor, q: RowQuantizer, with_mask: bool = Tru
             grid = min(grid, num_sms(dev.index or 0) * cfg.programs_per_sm)
         dt, split = dot_dtype(x.dtype)
         _quantize_rows_kernel[(grid,)](
-            x, codes, step, mask if with_mask else step, rowsum if rowsum is not None else step,
+            x, hadamard_tile(t.g, q.block, dt, dev) if q.block > 1 else x, codes, step, mask if with_mask else step, rowsum if rowsum is not None else step,
             rows, k, x.stride(0), codes.stride(0), mask.stride(0) if with_mask else 0,
             ALPHA[q.bits] if quest else 0.0, _QUEST_EPS if quest else _RTN_EPS,
             float(q.levels), trust, float(q.clip_ratio), float(q.qmax),
             BM=t.bm, CPT=t.cpt, SEG=t.seg, G=t.g, B=q.block, HSCALE=hadamard_scale(q.block),
-            SPLIT=split, DT=dt, QUEST=quest, ODD=fmt.odd, FP8=fmt.dtype == "fp8",
+            SPLIT=split, DT=TL_DTYPES[dt], QUEST=quest, ODD=fmt.odd, FP8=fmt.dtype == "fp8",
             WITH_MASK=with_mask, WITH_ROWSUM=rowsum is not None,
             num_warps=cfg.num_warps or t.num_warps(), enable_fp_fusion=False)
     return QuantizedRows(codes, step, mask, rowsum)

@@ -23,6 +23,7 @@ from torch import nn
 from coqat.bitconfig import BitConfig
 from coqat.config import TrainSettings
 from coqat.errors import CoqatError
+from coqat.kernels import use_kernels
 from coqat.optim.schedules import Schedule
 from coqat.report.rundir import RunDir
 from coqat.train.distributed import DistEnv, weights_digest
@@ -71,7 +72,22 @@ def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Ad
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": settings.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    # One fused kernel for the whole update on CUDA (the foreach default launches several).
+    fused = bool(decay + no_decay) and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2),
+                             fused=fused or None)
+
+
+def compile_step(net: nn.Module, settings: TrainSettings, device: torch.device) -> nn.Module:
+    """The module the training steps call: ``torch.compile``d per ``settings.compile``
+    ("auto": on CUDA only; on the CPU it did not pay, see reports/kernels.md).
+
+    Compiled, the forward and backward of a step are one graph each (the quantized layers'
+    kernels are custom ops, so nothing breaks it); switching phases swaps modules, which
+    recompiles once. Evaluation and the hooks run the module itself, eagerly.
+    """
+    on = device.type == "cuda" if settings.compile == "auto" else bool(settings.compile)
+    return torch.compile(net) if on else net
 
 
 def autocast(device: torch.device):
@@ -118,6 +134,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
     if env.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = compile_step(net, settings, device)
 
     ctx = StepContext(step=start, lr=settings.lr, phase=schedule.phase(start), model=model,
                       optimizer=optimizer, schedule=schedule, settings=settings,
@@ -224,7 +241,8 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
 def _enter_qat(model: nn.Module, bitconfig: BitConfig | None, form: str, quantize_model,
                kernels: str = "auto") -> None:
     if bitconfig is not None:
-        quantize_model(model, bitconfig, form=form, kernels=kernels)
+        quantize_model(model, bitconfig, form=form)
+        use_kernels(model, kernels)
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
