@@ -331,21 +331,21 @@ def gemm_section(args):
 
 
 # ------------------------------------------------------------------------------------ k1
-def _k1_time(t, bits, method, block, config=None):
+def _k1_time(t, bits, method, block, config=None, with_mask=True):
     from coqat.kernels.triton_quant import quantize_rows_triton
 
     fmt = ref.lowbit_format(bits, bits, method)
     q = ref.RowQuantizer(bits, fmt, method, block)
-    quantize_rows_triton(t, q, config=config)
-    ms = bench(lambda: quantize_rows_triton(t, q, config=config))
+    quantize_rows_triton(t, q, with_mask, config=config)
+    ms = bench(lambda: quantize_rows_triton(t, q, with_mask, config=config))
     # bytes moved: the input once, one code byte, one mask bit an element, one step a row
     nbytes = t.numel() * (t.element_size() + 1) + t.numel() // 8 + t.shape[0] * 4
     return {"ms": round(ms, 4), "TBps": round(nbytes / ms / 1e9, 3),
             "bytes_per_elem": round(nbytes / t.numel(), 3)}
 
 
-K1_SWEEP = [(tile, warps, pps) for tile in (2048, 4096, 8192) for warps in (4, 8)
-            for pps in (0, 2)]
+K1_SWEEP = [(tile, warps, pps) for tile in (4096, 8192) for warps in (4, 8)
+            for pps in (1, 2, 3)]
 
 
 @section("k1")
@@ -388,6 +388,22 @@ def k1_section(args):
     out["quest4_h32"] = _k1_time(x, 4, "quest", 32)
     out["quest4_noH"] = _k1_time(x, 4, "quest", 1)
     out["rtn4_noH"] = _k1_time(x, 4, "rtn", 1)
+    # Where K1's time goes: without the mask, and the rotation alone (bf16 in, fp32 out)
+    out["quest4_h128_no_mask"] = _k1_time(x, 4, "quest", 128, with_mask=False)
+    from coqat.kernels.triton_rotate import hadamard_triton, masked_rotate_triton
+
+    hadamard_triton(x, 128)
+    ms = bench(lambda: hadamard_triton(x, 128))
+    out["rotation_only_bf16_to_fp32"] = {"ms": round(ms, 4),
+                                         "TBps": round(x.numel() * 6 / ms / 1e9, 3)}
+    mbits = torch.randint(0, 256, (32768, 80), dtype=torch.uint8, device="cuda")
+    g6 = _rand_bf16(32768, 640)
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        masked_rotate_triton(g6, mbits, 128, dt)
+        ms = bench(lambda: masked_rotate_triton(g6, mbits, 128, dt))
+        nbytes = g6.numel() * (2 + dt.itemsize) + mbits.numel()
+        out[f"masked_rotate_32768x640_to_{name}"] = {"ms": round(ms, 4),
+                                                     "TBps": round(nbytes / ms / 1e9, 3)}
     fmt = ref.lowbit_format(4, 4, "quest")
     q = ref.RowQuantizer(4, fmt, "quest", 128)
     out["torch_reference_ms"] = round(bench(lambda: ref.quantize_ref(x, q), rep=50), 3)
@@ -505,8 +521,12 @@ def _step_times(m, k, n, compiled_too=True):
     r["bf16_ms"] = bench(step_of(bf16))
     r["kernels_ms"] = bench(step_of(kernels))
     if compiled_too:
-        for name, fn in (("bf16_compiled_ms", bf16), ("kernels_compiled_ms", kernels)):
-            step = step_of(torch.compile(fn))
+        for name, fn, mode in (("bf16_compiled_ms", bf16, None),
+                               ("kernels_compiled_ms", kernels, None),
+                               ("bf16_cudagraphs_ms", bf16, "reduce-overhead"),
+                               ("kernels_cudagraphs_ms", kernels, "reduce-overhead")):
+            step = step_of(torch.compile(fn, mode=mode))
+            step()
             step()
             r[name] = bench(step)
     r["speedup_vs_bf16"] = round(r["bf16_ms"] / r["kernels_ms"], 3)
@@ -514,6 +534,10 @@ def _step_times(m, k, n, compiled_too=True):
         r["compiled_speedup_vs_bf16_compiled"] = round(
             r["bf16_compiled_ms"] / r["kernels_compiled_ms"], 3)
         r["compiled_speedup_vs_bf16_eager"] = round(r["bf16_ms"] / r["kernels_compiled_ms"], 3)
+        r["cudagraphs_speedup_vs_bf16_cudagraphs"] = round(
+            r["bf16_cudagraphs_ms"] / r["kernels_cudagraphs_ms"], 3)
+        r["cudagraphs_speedup_vs_bf16_compiled"] = round(
+            r["bf16_compiled_ms"] / r["kernels_cudagraphs_ms"], 3)
         r["gpu_profile_bf16"] = _gpu_time_by_kernel(step_of(bf16))
         r["gpu_profile_kernels"] = _gpu_time_by_kernel(step_of(kernels))
     return r
@@ -574,7 +598,8 @@ def e2e_section(args):
 
     losses = {}
     variants = [("bf16", False, "eager"), ("bf16", False, "compiled"),
-                ("qat", True, "compiled"), ("qat", True, "cudagraphs"), ("qat", True, "eager")]
+                ("bf16", False, "cudagraphs"), ("qat", True, "compiled"),
+                ("qat", True, "cudagraphs"), ("qat", True, "eager")]
     for kind, quantized, mode in variants:
         name = f"{kind}_{mode}"
         try:
@@ -598,6 +623,8 @@ def e2e_section(args):
             out[f"{b}_vs_{a}"] = round(out[f"{a}_step_ms"] / out[f"{b}_step_ms"], 3)
 
     ratio("bf16_eager", "bf16_compiled")          # the FP phase, compiled vs eager
+    ratio("bf16_eager", "bf16_cudagraphs")        # ... as coqat's loop compiles it
+    ratio("bf16_cudagraphs", "qat_cudagraphs")
     for q in ("qat_compiled", "qat_cudagraphs", "qat_eager"):
         ratio("bf16_compiled", q)
         ratio("bf16_eager", q)
@@ -639,10 +666,14 @@ def summary() -> str:
             f"(quantizer share {lin['quantizer_share']})")
     for key, r in RESULTS.get("step", {}).items():
         if isinstance(r, dict) and "speedup_vs_bf16" in r:
-            add(f"QAT step {key}: eager vs BF16 eager; compiled vs BF16 compiled",
-                f"{r['speedup_vs_bf16']}x; {r.get('compiled_speedup_vs_bf16_compiled')}x")
+            add(f"QAT step {key}: eager vs BF16 eager; compiled vs BF16 compiled; "
+                "CUDA graphs vs BF16 CUDA graphs / compiled",
+                f"{r['speedup_vs_bf16']}x; {r.get('compiled_speedup_vs_bf16_compiled')}x; "
+                f"{r.get('cudagraphs_speedup_vs_bf16_cudagraphs')}x / "
+                f"{r.get('cudagraphs_speedup_vs_bf16_compiled')}x")
     e = RESULTS.get("e2e", {})
-    for key in ("bf16_compiled_vs_bf16_eager", "qat_compiled_vs_bf16_compiled",
+    for key in ("bf16_compiled_vs_bf16_eager", "bf16_cudagraphs_vs_bf16_eager",
+                "qat_cudagraphs_vs_bf16_cudagraphs", "qat_compiled_vs_bf16_compiled",
                 "qat_cudagraphs_vs_bf16_compiled", "qat_compiled_vs_bf16_eager",
                 "qat_eager_vs_bf16_eager"):
         if key in e:

@@ -18,7 +18,6 @@ from coqat.bitconfig import BitConfig, LayerBits
 from coqat.config import TrainSettings
 from coqat.kernels import layer_spec, lowbit_linear, use_kernels
 from coqat.quant import QuantLinear, quantize_model
-from coqat.search.relax import SearchConv2d, SearchLinear
 from coqat.train.loop import compile_step
 from coqat.workloads.lm import LlamaConfig, LlamaLM
 
@@ -96,6 +95,9 @@ def test_a_shared_input_is_quantized_once_in_the_compiled_graph():
 
 @pytest.mark.parametrize("soft", [True, False])
 def test_search_layers_compile_without_graph_breaks(soft):
+    pytest.importorskip("fvcore")           # coqat.search needs it (absent on the GPU image)
+    from coqat.search.relax import SearchConv2d, SearchLinear
+
     torch.manual_seed(0)
     lin = SearchLinear.from_float(nn.Linear(256, 64), (2, 4, 16), (4, 8), "quest")
     conv = SearchConv2d.from_float(nn.Conv2d(16, 8, 3), (2, 4), (4, 8), "quest")

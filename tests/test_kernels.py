@@ -314,10 +314,11 @@ def _interp_k1() -> dict:
         ("rtn4_noH", 8, 64, torch.bfloat16, 4, "rtn", 1, None),
         ("rtn8_h128", 8, 256, torch.float32, 8, "rtn", 128, None),
         ("padded_k640", 3, 640, torch.bfloat16, 4, "quest", 128, None),
-        ("two_sweeps", 8, 384, torch.float32, 4, "quest", 128, QuantConfig(tile_elems=128)),
-        ("two_sweeps_int8", 8, 384, torch.float32, 8, "quest", 128, QuantConfig(tile_elems=256)),
-        ("persistent_loop", 37, 256, torch.float32, 4, "quest", 128,
-         QuantConfig(tile_elems=512, grid=3)),     # 3 programs loop over 19 row blocks
+        ("two_sweeps", 4, 2304, torch.float32, 4, "quest", 128, QuantConfig(tile_elems=2048)),
+        ("two_sweeps_int8", 4, 2304, torch.bfloat16, 8, "quest", 128,
+         QuantConfig(tile_elems=2048)),
+        ("persistent_loop", 37, 640, torch.float32, 4, "quest", 128,
+         QuantConfig(tile_elems=2048, grid=2)),    # 2 programs loop over 13 blocks of 3 rows
     ]
     for i, (name, rows, k, dtype, bits, method, block, cfg) in enumerate(cases):
         fmt = ref.lowbit_format(bits, bits, method)

@@ -220,7 +220,9 @@ def _lowbit_linear_backward(ctx, dy: Tensor):
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         wq = dequantize_codes(w_codes, w_step, ctx.fmt, ctx.method, g.dtype)
-        dx = masked_rotate(g @ wq, a_mask, ctx.block, x_dtype)
+        # In the GEMM's dtype, as F.linear's dx under autocast: for a float32 input the cast
+        # is fused into the consumer instead of a float32 write here.
+        dx = masked_rotate(g @ wq, a_mask, ctx.block, g.dtype).to(x_dtype)
     if ctx.needs_input_grad[1]:
         xq = dequantize_codes(a_codes, a_step, ctx.fmt, ctx.method, g.dtype)
         dw = masked_rotate(g.t() @ xq, w_mask, ctx.block, w_dtype)

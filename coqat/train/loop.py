@@ -84,10 +84,16 @@ def compile_step(net: nn.Module, settings: TrainSettings, device: torch.device) 
 
     Compiled, the forward and backward of a step are one graph each (the quantized layers'
     kernels are custom ops, so nothing breaks it); switching phases swaps modules, which
-    recompiles once. Evaluation and the hooks run the module itself, eagerly.
+    recompiles once. Evaluation and the hooks run the module itself, eagerly. On one GPU the
+    graphs are also captured as CUDA graphs: the QAT step calls its Triton kernels through
+    Python, and without capture it was host-bound (lm-30m on an H200: 64.8 ms a step
+    against 23.9 ms replayed). DDP's gradient hooks do not fit a captured graph.
     """
     on = device.type == "cuda" if settings.compile == "auto" else bool(settings.compile)
-    return torch.compile(net) if on else net
+    if not on:
+        return net
+    graphs = device.type == "cuda" and not isinstance(net, nn.parallel.DistributedDataParallel)
+    return torch.compile(net, mode="reduce-overhead" if graphs else None)
 
 
 def autocast(device: torch.device):
