@@ -344,8 +344,8 @@ def _k1_time(t, bits, method, block, config=None, with_mask=True):
             "bytes_per_elem": round(nbytes / t.numel(), 3)}
 
 
-K1_SWEEP = [(tile, warps, pps) for tile in (4096, 8192) for warps in (4, 8)
-            for pps in (1, 2, 3)]
+K1_SWEEP = [(tile, warps, pps) for tile in (4096, 8192, 16384) for warps in (4, 8)
+            for pps in (1, 2)]
 
 
 @section("k1")

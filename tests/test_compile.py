@@ -131,9 +131,13 @@ def test_qat_step_on_the_triton_kernels_compiles_without_graph_breaks():
     use_kernels(model, "triton")
     idx = torch.randint(0, 256, (4, 16), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(idx)
+        assert explanation.graph_break_count == 0, [str(b.reason) for b in
+                                                    explanation.break_reasons]
         loss, grads = _loss_and_grads(model, model, idx)
         compiled = torch.compile(model, fullgraph=True)          # Inductor, as training runs
         loss_c, grads_c = _loss_and_grads(model, compiled, idx)
-    torch.testing.assert_close(loss_c, loss, rtol=2e-2, atol=2e-2)
-    for g_c, g in zip(grads_c, grads):
-        assert float((g_c - g).norm() / g.norm().clamp_min(1e-12)) < 5e-2
+    assert abs(float(loss_c) - float(loss)) < 2e-2 * abs(float(loss)), (float(loss_c), float(loss))
+    errors = [float((g_c.float() - g.float()).norm() / g.float().norm().clamp_min(1e-12))
+              for g_c, g in zip(grads_c, grads)]
+    assert max(errors) < 5e-2, errors   # bf16 GEMMs summed in another order

@@ -318,7 +318,7 @@ def _interp_k1() -> dict:
         ("two_sweeps_int8", 4, 2304, torch.bfloat16, 8, "quest", 128,
          QuantConfig(tile_elems=2048)),
         ("persistent_loop", 37, 640, torch.float32, 4, "quest", 128,
-         QuantConfig(tile_elems=2048, grid=2)),    # 2 programs loop over 13 blocks of 3 rows
+         QuantConfig(tile_elems=2048, grid=2)),    # 2 programs loop over 19 blocks of 2 rows
     ]
     for i, (name, rows, k, dtype, bits, method, block, cfg) in enumerate(cases):
         fmt = ref.lowbit_format(bits, bits, method)

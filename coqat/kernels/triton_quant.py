@@ -5,9 +5,10 @@ of row chunks). It reads the rows once, rotates them on tensor cores, and writes
 in the GEMM's storage (FP8 e4m3 or INT8), one float32 step per row, the gradient mask
 packed eight to a byte, and (8-bit QuEST) the row sums of the codes. The QuEST scale needs
 the RMS of the whole *rotated* row before the first code can be written: rows that fit in
-one tile (K <= 8192 with the default tile) are kept in registers between the statistic and
-the quantization; longer rows take two sweeps, the second rotating the reloaded tile again
-(from L2). Programs are persistent: a fixed grid loops over the row blocks.
+one tile (K <= 16384 at 128 columns a chunk) are kept in registers between the statistic
+and the quantization; longer rows take two sweeps, the second rotating the reloaded tile
+again. Programs are persistent (a fixed grid looping over row blocks), so the +-1 matrix is
+built once a program.
 
 Agreement with ``coqat.quant`` (the reference):
 
@@ -40,13 +41,12 @@ import triton.language as tl
 from coqat.errors import CoqatError
 from coqat.kernels.reference import QuantizedRows, RowQuantizer
 from coqat.kernels.triton_rotate import (
-    TL_DTYPES,
     ChunkTiling,
     chunk_coords,
     dot_dtype,
+    TL_DTYPES,
     hadamard_tile,
     load_hadamard,
-    next_pow2,
     num_sms,
     rotate_tile,
 )
@@ -64,54 +64,37 @@ PROGRAMS_PER_SM = 2
 
 
 @triton.jit
-def _row_reduce(v, rloc, BMP: tl.constexpr, MAX: tl.constexpr):
-    """Per-row sum (or max) of per-chunk values v [R]: [BMP], row i = tile rows r // CPR == i.
-
-    A [BMP, R] select-and-reduce instead of a reshape, so that a row's chunk count need not
-    be a power of two (K = 640 is 5 chunks). Values are >= 0 for MAX.
-    """
-    sel = rloc[None, :] == tl.arange(0, BMP)[:, None]
-    if MAX:
-        out = tl.max(tl.where(sel, v[None, :], 0), axis=1)
-    else:
-        out = tl.sum(tl.where(sel, v[None, :], 0), axis=1)
-    return out
+def _per_row(v, BM: tl.constexpr, CPT: tl.constexpr):
+    """Broadcast a per-row value [BM] to the tile's chunk rows, as a column [BM * CPT, 1]."""
+    return tl.reshape(tl.broadcast_to(v[:, None], [BM, CPT]), [BM * CPT])[:, None]
 
 
 @triton.jit
-def _per_row(v, rloc, BMP: tl.constexpr):
-    """Broadcast a per-row value [BMP] to the tile's chunk rows, as a column [R, 1] (exact:
-    one nonzero term a sum)."""
-    sel = rloc[None, :] == tl.arange(0, BMP)[:, None]
-    return tl.sum(tl.where(sel, v[:, None], 0), axis=0)[:, None]
-
-
-@triton.jit
-def _row_stat(r, rloc, QUEST: tl.constexpr, BMP: tl.constexpr):
+def _row_stat(r, QUEST: tl.constexpr, BM: tl.constexpr, CPT: tl.constexpr):
     """QuEST: float64 sum of squares of each row. RTN: max |r| (exact in any order).
 
     Elements past the end of a row were loaded as 0 and rotate to 0, so they add nothing.
     """
     if QUEST:
         r64 = r.to(tl.float64)
-        s = _row_reduce(tl.sum(r64 * r64, axis=1), rloc, BMP, False)
+        s = tl.sum(tl.reshape(tl.sum(r64 * r64, axis=1), [BM, CPT]), axis=1)
     else:
-        s = _row_reduce(tl.max(tl.abs(r), axis=1), rloc, BMP, True)
+        s = tl.max(tl.reshape(tl.max(tl.abs(r), axis=1), [BM, CPT]), axis=1)
     return s
 
 
 @triton.jit
-def _load_rotated(x_ptr, row0, chunk0, M, K, stride_x, h_ptr, R: tl.constexpr,
-                  CPR: tl.constexpr, BM: tl.constexpr, G: tl.constexpr, B: tl.constexpr,
-                  HSCALE: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr):
+def _load_rotated(x_ptr, row0, chunk0, M, K, stride_x, h_ptr, BM: tl.constexpr, CPT: tl.constexpr,
+                  G: tl.constexpr, B: tl.constexpr, HSCALE: tl.constexpr, SPLIT: tl.constexpr,
+                  DT: tl.constexpr):
     """A tile of rows as float32, rotated when B > 1 (zeros past the ends of the rows)."""
-    row, rloc, col, offs, ok = chunk_coords(row0, chunk0, M, K, stride_x, R, CPR, BM, G)
+    row, col, offs, ok = chunk_coords(row0, chunk0, M, K, stride_x, BM, CPT, G)
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
     if B > 1:
         r = rotate_tile(x, load_hadamard(h_ptr, G), SPLIT, DT, HSCALE)
     else:
         r = x.to(tl.float32)
-    return r, row, rloc, col, ok
+    return r, row, col, ok
 
 
 @triton.jit
@@ -130,17 +113,17 @@ def _div_rn(a, b, inv_b):
 
 
 @triton.jit
-def _quantize_store(r, row, rloc, col, chunk0, ok, step, inv_step, lo, hi, radius,
+def _quantize_store(r, row, col, chunk0, ok, step, inv_step, lo, hi, radius,
                     codes_ptr, mask_ptr, stride_c, stride_m, M, K,
-                    R: tl.constexpr, CPR: tl.constexpr, BMP: tl.constexpr, G: tl.constexpr,
+                    BM: tl.constexpr, CPT: tl.constexpr, G: tl.constexpr,
                     QUEST: tl.constexpr, ODD: tl.constexpr, FP8: tl.constexpr,
                     WITH_MASK: tl.constexpr):
     """Quantize a rotated tile, store codes and the packed mask; return the row sums of c."""
-    step_e = _per_row(step, rloc, BMP)
-    inv_e = _per_row(inv_step, rloc, BMP)
-    lo_e = _per_row(lo, rloc, BMP)
-    hi_e = _per_row(hi, rloc, BMP)
-    radius_e = _per_row(radius, rloc, BMP)
+    step_e = _per_row(step, BM, CPT)
+    inv_e = _per_row(inv_step, BM, CPT)
+    lo_e = _per_row(lo, BM, CPT)
+    hi_e = _per_row(hi, BM, CPT)
+    radius_e = _per_row(radius, BM, CPT)
     if QUEST:
         clipped = tl.minimum(tl.maximum(r, lo_e), hi_e)
         t = _div_rn(clipped, step_e, inv_e) + 0.5
@@ -166,13 +149,14 @@ def _quantize_store(r, row, rloc, col, chunk0, ok, step, inv_step, lo, hi, radiu
     if WITH_MASK:
         # Eight columns a byte, low bit first: byte j of chunk c of a row is column byte
         # c * G/8 + j of that row's packed mask.
+        R: tl.constexpr = BM * CPT
         bits = (passed & ok).to(tl.int32) << (tl.arange(0, G) % 8)[None, :]
         packed = tl.sum(tl.reshape(bits, [R, G // 8, 8]), axis=2).to(tl.uint8)
-        chunk = chunk0 + tl.arange(0, R) % CPR
+        chunk = chunk0 + tl.arange(0, R) % CPT
         bcol = (chunk * (G // 8))[:, None] + tl.arange(0, G // 8)[None, :]
-        bok = (ok.to(tl.int32).sum(axis=1) > 0)[:, None] & (bcol * 8 < K)
+        bok = (row < M)[:, None] & (bcol * 8 < K)
         tl.store(mask_ptr + row.to(tl.int64)[:, None] * stride_m + bcol, packed, mask=bok)
-    return _row_reduce(tl.sum(tl.where(ok, c, 0.0).to(tl.int32), axis=1), rloc, BMP, False)
+    return tl.sum(tl.reshape(tl.sum(tl.where(ok, c, 0.0).to(tl.int32), axis=1), [BM, CPT]), axis=1)
 
 
 @triton.jit
@@ -180,59 +164,58 @@ def _quantize_rows_kernel(
         x_ptr, h_ptr, codes_ptr, step_ptr, mask_ptr, rowsum_ptr,
         M, K, stride_x, stride_c, stride_m,
         alpha, eps, levels, trust, clip_ratio, qmax,
-        R: tl.constexpr, CPR: tl.constexpr, BM: tl.constexpr, BMP: tl.constexpr,
-        SEG: tl.constexpr, G: tl.constexpr, B: tl.constexpr, HSCALE: tl.constexpr,
-        SPLIT: tl.constexpr, DT: tl.constexpr, QUEST: tl.constexpr, ODD: tl.constexpr,
-        FP8: tl.constexpr, WITH_MASK: tl.constexpr, WITH_ROWSUM: tl.constexpr):
+        BM: tl.constexpr, CPT: tl.constexpr, SEG: tl.constexpr, G: tl.constexpr,
+        B: tl.constexpr, HSCALE: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr,
+        QUEST: tl.constexpr, ODD: tl.constexpr, FP8: tl.constexpr,
+        WITH_MASK: tl.constexpr, WITH_ROWSUM: tl.constexpr):
     """Persistent programs, each looping over blocks of BM rows: statistic, step, codes."""
     n_blocks = tl.cdiv(M, BM)
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         row0 = blk * BM
-        rows = row0 + tl.arange(0, BMP)
-        row_ok = (tl.arange(0, BMP) < BM) & (rows < M)
+        rows = row0 + tl.arange(0, BM)
 
         # Sweep 1: the row statistic of the rotated rows.
-        r, row, rloc, col, ok = _load_rotated(x_ptr, row0, 0, M, K, stride_x, h_ptr, R, CPR,
-                                              BM, G, B, HSCALE, SPLIT, DT)
-        stat = _row_stat(r, rloc, QUEST, BMP)
+        r, row, col, ok = _load_rotated(x_ptr, row0, 0, M, K, stride_x, h_ptr, BM, CPT, G, B,
+                                        HSCALE, SPLIT, DT)
+        stat = _row_stat(r, QUEST, BM, CPT)
         for s in range(1, SEG):
-            r, row, rloc, col, ok = _load_rotated(x_ptr, row0, s * CPR, M, K, stride_x, h_ptr,
-                                                  R, CPR, BM, G, B, HSCALE, SPLIT, DT)
+            r, row, col, ok = _load_rotated(x_ptr, row0, s * CPT, M, K, stride_x, h_ptr, BM, CPT, G,
+                                            B, HSCALE, SPLIT, DT)
             if QUEST:
-                stat += _row_stat(r, rloc, QUEST, BMP)
+                stat += _row_stat(r, QUEST, BM, CPT)
             else:
-                stat = tl.maximum(stat, _row_stat(r, rloc, QUEST, BMP))
+                stat = tl.maximum(stat, _row_stat(r, QUEST, BM, CPT))
 
         # Per-row step, in the reference's order of float32 operations.
         if QUEST:
             rms = tl.sqrt(stat / K).to(tl.float32)    # float64 sqrt is sqrt.rn.f64
             scale = rms * alpha
             scale = scale + eps
-            step = tl.div_rn(scale * 2.0, tl.zeros([BMP], tl.float32) + levels)
+            step = tl.div_rn(scale * 2.0, tl.zeros([BM], tl.float32) + levels)
             lo = -scale
             hi = scale
             radius = trust * rms
         else:
             clip = clip_ratio * stat
-            step = tl.div_rn(clip, tl.zeros([BMP], tl.float32) + qmax) + eps
-            lo = tl.zeros([BMP], tl.float32) - qmax
-            hi = tl.zeros([BMP], tl.float32) + qmax
+            step = tl.div_rn(clip, tl.zeros([BM], tl.float32) + qmax) + eps
+            lo = tl.zeros([BM], tl.float32) - qmax
+            hi = tl.zeros([BM], tl.float32) + qmax
             radius = clip
-        inv_step = tl.div_rn(tl.zeros([BMP], tl.float32) + 1.0, step)
-        tl.store(step_ptr + rows, step, mask=row_ok)
+        inv_step = tl.div_rn(tl.zeros([BM], tl.float32) + 1.0, step)
+        tl.store(step_ptr + rows, step, mask=rows < M)
 
         # Sweep 2: quantize and store (the last tile of sweep 1 is still in registers).
-        csum = _quantize_store(r, row, rloc, col, (SEG - 1) * CPR, ok, step, inv_step, lo, hi,
-                               radius, codes_ptr, mask_ptr, stride_c, stride_m, M, K, R, CPR,
-                               BMP, G, QUEST, ODD, FP8, WITH_MASK)
+        csum = _quantize_store(r, row, col, (SEG - 1) * CPT, ok, step, inv_step, lo, hi,
+                               radius, codes_ptr, mask_ptr, stride_c, stride_m, M, K, BM, CPT,
+                               G, QUEST, ODD, FP8, WITH_MASK)
         for s in range(0, SEG - 1):
-            r, row, rloc, col, ok = _load_rotated(x_ptr, row0, s * CPR, M, K, stride_x, h_ptr,
-                                                  R, CPR, BM, G, B, HSCALE, SPLIT, DT)
-            csum += _quantize_store(r, row, rloc, col, s * CPR, ok, step, inv_step, lo, hi,
-                                    radius, codes_ptr, mask_ptr, stride_c, stride_m, M, K, R,
-                                    CPR, BMP, G, QUEST, ODD, FP8, WITH_MASK)
+            r, row, col, ok = _load_rotated(x_ptr, row0, s * CPT, M, K, stride_x, h_ptr, BM, CPT, G,
+                                            B, HSCALE, SPLIT, DT)
+            csum += _quantize_store(r, row, col, s * CPT, ok, step, inv_step, lo, hi, radius,
+                                    codes_ptr, mask_ptr, stride_c, stride_m, M, K, BM, CPT,
+                                    G, QUEST, ODD, FP8, WITH_MASK)
         if WITH_ROWSUM:
-            tl.store(rowsum_ptr + rows, csum, mask=row_ok)
+            tl.store(rowsum_ptr + rows, csum, mask=rows < M)
 
 
 class QuantConfig(NamedTuple):
@@ -273,7 +256,7 @@ def quantize_rows_triton(x: torch.Tensor, q: RowQuantizer, with_mask: bool = Tru
         raise CoqatError(f"quantize_rows_triton takes bf16, fp16 or fp32 input, got {x.dtype}")
     rows, k = x.shape
     cfg = config or quant_config()
-    t = ChunkTiling(k, q.block, tile_elems=cfg.tile_elems)
+    t = ChunkTiling(rows, k, q.block, tile_elems=cfg.tile_elems)
     fmt = q.fmt
     dev = x.device
     codes = torch.empty((rows, k), dtype=fmt.torch_dtype, device=dev)
@@ -294,8 +277,7 @@ def quantize_rows_triton(x: torch.Tensor, q: RowQuantizer, with_mask: bool = Tru
             rows, k, x.stride(0), codes.stride(0), mask.stride(0) if with_mask else 0,
             ALPHA[q.bits] if quest else 0.0, _QUEST_EPS if quest else _RTN_EPS,
             float(q.levels), trust, float(q.clip_ratio), float(q.qmax),
-            R=t.r, CPR=t.cpr, BM=t.bm, BMP=next_pow2(t.bm), SEG=t.seg, G=t.g, B=q.block,
-            HSCALE=hadamard_scale(q.block),
+            BM=t.bm, CPT=t.cpt, SEG=t.seg, G=t.g, B=q.block, HSCALE=hadamard_scale(q.block),
             SPLIT=split, DT=TL_DTYPES[dt], QUEST=quest, ODD=fmt.odd, FP8=fmt.dtype == "fp8",
             WITH_MASK=with_mask, WITH_ROWSUM=rowsum is not None,
             num_warps=cfg.num_warps or (4 if split else 8), enable_fp_fusion=False)

@@ -14,8 +14,8 @@ Tiles. A row of ``K`` elements is cut into chunks of ``G`` columns (128, or the 
 of two >= K for short rows, at least 16 for ``tl.dot``); the Hadamard block ``B`` divides
 both ``G`` and ``K``, so the +-1 matrix of a chunk is block-diagonal with ``G / B`` copies
 of the ``B x B`` Sylvester matrix and no block straddles a chunk or the end of a row. A
-program's tile is ``[R, G]``: R chunks, for K1 ``CPR`` consecutive chunks of each of ``BM``
-whole rows, so that per-row reductions (K1's scale) stay inside one program.
+program's tile is ``[R, G]``: ``R = BM * CPT`` chunks, ``CPT`` consecutive chunks of each of
+``BM`` rows, so that per-row reductions (K1's scale) stay inside one program.
 
 Under the CPU interpreter, bf16 dots are not supported (reference/kernels.md section 3), so
 the dots take float32 operands there: the pieces are exact in float32 as well, so the same
@@ -84,37 +84,32 @@ def rotate_tile(x, h, SPLIT: tl.constexpr, DT: tl.constexpr, HSCALE: tl.constexp
 
 
 @triton.jit
-def chunk_coords(row0, chunk0, M, K, stride, R: tl.constexpr, CPR: tl.constexpr,
-                 BM: tl.constexpr, G: tl.constexpr):
-    """Rows, element offsets and the in-bounds mask of a tile [R, G] of row chunks.
+def chunk_coords(row0, chunk0, M, K, stride, BM: tl.constexpr, CPT: tl.constexpr,
+                 G: tl.constexpr):
+    """Rows, element offsets and the in-bounds mask of a tile [BM * CPT, G].
 
-    Tile row r holds chunk ``chunk0 + r % CPR`` of row ``row0 + r // CPR``; the tile holds
-    BM rows (tile rows from ``BM * CPR`` on are padding). Also returns ``r // CPR``, the
-    row within the tile.
+    Tile row r holds chunk ``chunk0 + r % CPT`` of row ``row0 + r // CPT``.
     """
-    r = tl.arange(0, R)
-    rloc = r // CPR
-    row = row0 + rloc
-    col = ((chunk0 + r % CPR) * G)[:, None] + tl.arange(0, G)[None, :]
-    ok = ((rloc < BM) & (row < M))[:, None] & (col < K)
+    r = tl.arange(0, BM * CPT)
+    row = row0 + r // CPT
+    col = ((chunk0 + r % CPT) * G)[:, None] + tl.arange(0, G)[None, :]
+    ok = (row < M)[:, None] & (col < K)
     offs = row.to(tl.int64)[:, None] * stride + col
-    return row, rloc, col, offs, ok
+    return row, col, offs, ok
 
 
 @triton.jit
 def _masked_rotate_kernel(g_ptr, mask_ptr, h_ptr, out_ptr, M, K, stride_g, stride_m, stride_o,
-                          R: tl.constexpr, CPT: tl.constexpr, G: tl.constexpr,
+                          BM: tl.constexpr, CPT: tl.constexpr, G: tl.constexpr,
                           HSCALE: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr,
                           HAS_MASK: tl.constexpr):
-    """out = (M * g) H; a program takes R // CPT rows x CPT chunks (CPT a power of two: the
-    row and chunk of a tile row are shifts, which measured far fewer registers than a
-    division by the chunk count)."""
-    BM: tl.constexpr = R // CPT
-    tiles_per_row = tl.cdiv(tl.cdiv(K, G), CPT)
+    """out = (M * g) H, one tile a program (BM rows x CPT chunks of G columns)."""
+    chunks = tl.cdiv(K, G)
+    tiles_per_row = tl.cdiv(chunks, CPT)
     pid = tl.program_id(0)
-    row, _, col, offs, ok = chunk_coords((pid // tiles_per_row) * BM,
-                                         (pid % tiles_per_row) * CPT, M, K, stride_g, R, CPT,
-                                         BM, G)
+    row0 = (pid // tiles_per_row) * BM
+    chunk0 = (pid % tiles_per_row) * CPT
+    row, col, offs, ok = chunk_coords(row0, chunk0, M, K, stride_g, BM, CPT, G)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0)
     if HAS_MASK:
         moffs = row.to(tl.int64)[:, None] * stride_m + col // 8
@@ -158,23 +153,26 @@ def hadamard_tile(g: int, block: int, dtype: torch.dtype, device: torch.device) 
 
 
 class ChunkTiling:
-    """How rows of ``k`` elements are cut into tiles for a Hadamard block (module doc).
+    """How rows of ``k`` elements are cut for a block ``block`` (see the module doc).
 
-    g: chunk width; chunks: chunks a row; r: chunks a tile (tile = [r, g]); cpr: chunks of
-    one row in a tile; seg: tiles a row (> 1 only for rows longer than a tile); bm: rows a
-    tile (r // cpr: no tile row is wasted on padding a row's chunk count to a power of two).
+    g: chunk width; chunks: chunks a row; cpt: chunks of a row in one tile; seg: tiles a
+    row (> 1 only for rows longer than one tile); bm: rows a tile.
     """
 
-    def __init__(self, k: int, block: int, tile_elems: int = TILE_ELEMS):
+    def __init__(self, rows: int, k: int, block: int, tile_elems: int = TILE_ELEMS,
+                 whole_rows: bool = True):
         if block < 1 or block & (block - 1) or block > 128 or k % block:
             raise CoqatError(f"Hadamard block {block} must be a power of two <= 128 dividing "
                              f"the row length {k}")
         self.g = 128 if k >= 128 else max(16, next_pow2(k))
         self.chunks = -(-k // self.g)
-        self.r = max(16, next_pow2(tile_elems) // self.g)      # tl.dot needs >= 16 rows
-        self.cpr = min(self.chunks, self.r)
-        self.seg = -(-self.chunks // self.cpr)
-        self.bm = self.r // self.cpr
+        per_tile = max(1, tile_elems // self.g)
+        chunks_p2 = next_pow2(self.chunks)
+        self.cpt = min(chunks_p2, per_tile)
+        self.seg = chunks_p2 // self.cpt if whole_rows else -(-self.chunks // self.cpt)
+        bm = max(1, per_tile // chunks_p2) if self.cpt == chunks_p2 else 1
+        self.bm = max(min(bm, next_pow2(rows)), 16 // self.cpt if self.cpt < 16 else 1)
+        self.r = self.bm * self.cpt
 
     def num_warps(self) -> int:
         return max(1, min(8, self.r * self.g // 2048))
@@ -200,15 +198,14 @@ def masked_rotate_triton(g: torch.Tensor, mask_bits: torch.Tensor | None, block:
     out = torch.empty((m, k), dtype=out_dtype, device=g.device)
     if m == 0 or k == 0:
         return out
-    # Whole rows are not needed here: tiles of 64 chunks over rows x chunks.
-    t = ChunkTiling(k, block, tile_elems=8192)
-    cpt = min(next_pow2(t.chunks), t.r)
+    # Whole rows are not needed here: tiles of 64 chunks (8192 elements) over rows x chunks.
+    t = ChunkTiling(m, k, block, tile_elems=8192, whole_rows=False)
     dt, split = dot_dtype(g.dtype)
-    grid = (triton.cdiv(m, t.r // cpt) * triton.cdiv(t.chunks, cpt),)
+    grid = (triton.cdiv(m, t.bm) * t.seg,)
     _masked_rotate_kernel[grid](
         g, mask_bits if mask_bits is not None else g, hadamard_tile(t.g, block, dt, g.device),
         out, m, k, g.stride(0), mask_bits.stride(0) if mask_bits is not None else 0,
-        out.stride(0), R=t.r, CPT=cpt, G=t.g, HSCALE=hadamard_scale(block), SPLIT=split,
+        out.stride(0), BM=t.bm, CPT=t.cpt, G=t.g, HSCALE=hadamard_scale(block), SPLIT=split,
         DT=TL_DTYPES[dt], HAS_MASK=mask_bits is not None, num_warps=min(4, t.num_warps()))
     return out
 
