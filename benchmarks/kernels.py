@@ -66,7 +66,8 @@ def section(name):
                 traceback.print_exc()
                 RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
             RESULTS.setdefault("_seconds", {})[name] = round(time.time() - t0, 1)
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
         run.section_name = name
         return run
@@ -83,6 +84,9 @@ def env(args):
     import numpy
     import triton
 
+    if not torch.cuda.is_available():
+        return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                "python": platform.python_version(), "numpy": numpy.__version__}
     p = torch.cuda.get_device_properties(0)
     return {
         "device": torch.cuda.get_device_name(0),
@@ -633,7 +637,76 @@ def e2e_section(args):
     return out
 
 
-SECTIONS = [env, exact, gemm_section, k1_section, linear_section, step_section, e2e_section]
+# ----------------------------------------------------------------------------------- cpu
+def _cpu_median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(sorted(times)[len(times) // 2], 2)
+
+
+@section("cpu")
+def cpu_section(args):
+    """The CPU (the demo's machine): one lm-tiny training step, eager vs torch.compile, FP and
+    QAT W4A4 (fake-quant path); and the rotation before issue #15 (float64 matmul) vs now."""
+    import tomllib
+
+    from coqat.bitconfig import BitConfig, LayerBits
+    from coqat.quant import hadamard_transform, quantize_model
+    from coqat.quant.hadamard import hadamard_scale, sylvester_matrix
+    from coqat.workloads import get_workload
+
+    out = {"threads": torch.get_num_threads()}
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with open(os.path.join(root, "search_spaces", "lm-tiny.toml"), "rb") as f:
+        space = tomllib.load(f)
+    workload = get_workload("lm", {k: v for k, v in space["workload"].items()
+                                   if k not in ("name", "corpus")})
+    batch = space["train"]["batch_size"]
+    idx = torch.randint(0, 256, (batch, workload.seq_len + 1),
+                        generator=torch.Generator().manual_seed(0))
+    xb, yb = idx[:, :-1], idx[:, 1:]
+    for kind in ("fp", "qat"):
+        for mode in ("eager", "compiled"):
+            torch.manual_seed(0)
+            model = workload.build_model()
+            if kind == "qat":
+                names = [n for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+                quantize_model(model, BitConfig({n: LayerBits(4, 4) for n in names}))
+            net = torch.compile(model) if mode == "compiled" else model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step():
+                logits = net(xb)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            t0 = time.perf_counter()
+            step()
+            step()
+            out[f"{kind}_{mode}_first_steps_s"] = round(time.perf_counter() - t0, 1)
+            out[f"{kind}_{mode}_step_ms"] = _cpu_median_ms(step, 30)
+            torch.compiler.reset()
+        out[f"{kind}_compiled_vs_eager"] = round(
+            out[f"{kind}_eager_step_ms"] / out[f"{kind}_compiled_step_ms"], 3)
+    x = torch.randn(batch * workload.seq_len, 128)
+    h64 = sylvester_matrix(128)
+
+    def float64_rotation():
+        return ((x.double().reshape(-1, 128) @ h64) * hadamard_scale(128)).float()
+
+    out["rotation_2048x128_float64_ms"] = _cpu_median_ms(float64_rotation, 200)
+    out["rotation_2048x128_float32_ms"] = _cpu_median_ms(lambda: hadamard_transform(x, 128), 200)
+    return out
+
+
+SECTIONS = [env, exact, gemm_section, k1_section, linear_section, step_section, e2e_section,
+            cpu_section]
 
 
 def summary() -> str:
@@ -680,6 +753,9 @@ def summary() -> str:
             add(f"lm-30m step {key}", f"{e[key]}x")
     for key in [k_ for k_ in e if k_.endswith("_step_ms")]:
         add(f"lm-30m {key}", e[key])
+    for key, v in RESULTS.get("cpu", {}).items():
+        if key.endswith(("_ms", "_vs_eager")):
+            add(f"CPU lm-tiny {key}", v)
     return "\n".join(lines)
 
 
@@ -698,10 +774,11 @@ def main(argv=None) -> int:
         help="in the exact section, check K1 only (K2-K4 checks skipped)",
     )
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
-        return 2
     wanted = set(args.sections.split(","))
+    if not torch.cuda.is_available() and wanted - {"env", "cpu"}:
+        print("benchmarks/kernels.py needs a CUDA GPU (only --sections env,cpu run without one)",
+              file=sys.stderr)
+        return 2
     for s in SECTIONS:
         if s.section_name in wanted:
             s(args)
