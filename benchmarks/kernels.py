@@ -637,6 +637,63 @@ def e2e_section(args):
     return out
 
 
+# ---------------------------------------------------------------------------------- loop
+@section("loop")
+def loop_section(args):
+    """coqat's own training loop on lm-30m: FP phase then QAT W4A4 (kernels auto), compiled
+    as ``TrainSettings.compile = "auto"`` does on CUDA vs eager; median step per phase."""
+    import tomllib
+
+    from coqat.bitconfig import BitConfig, LayerBits
+    from coqat.config import TrainSettings
+    from coqat.optim.schedules import Schedule
+    from coqat.train.loop import TrainHooks, train
+    from coqat.workloads import get_workload
+
+    class StepClock(TrainHooks):
+        def __init__(self):
+            self.stamps = []
+
+        def after_optimizer_step(self, ctx):
+            self.stamps.append((ctx.phase, time.perf_counter()))
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with open(os.path.join(root, "search_spaces", "lm-30m.toml"), "rb") as f:
+        spec = tomllib.load(f)["workload"]
+    spec = {k: v for k, v in spec.items() if k != "name"}
+    spec["corpus"] = ["stdlib", "torch"]          # on any machine with Python and torch
+    workload = get_workload("lm", spec)
+    steps, qat_start = (40, 20) if args.quick else (80, 40)
+    out = {"steps": steps, "qat_start": qat_start}
+    for compile_mode in ("auto", False):
+        torch.manual_seed(0)
+        model = workload.build_model()
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        settings = TrainSettings(steps=steps, batch_size=64, warmup_steps=5, eval_every=10_000,
+                                 eval_batches=1, final_eval_batches=1, log_every=10,
+                                 checkpoint_every=10_000, compile=compile_mode).validate()
+        clock = StepClock()
+        t0 = time.perf_counter()
+        final = train(model=model, workload=workload, settings=settings,
+                      schedule=Schedule(steps, 5, qat_start=qat_start),
+                      bitconfig=BitConfig({n: LayerBits(4, 4) for n in names}),
+                      device=torch.device("cuda"), hooks=[clock], progress=False)
+        name = "compiled" if compile_mode == "auto" else "eager"
+        out[f"{name}_wall_s"] = round(time.perf_counter() - t0, 1)
+        out[f"{name}_final_val_loss"] = final.get(workload.metric)
+        for phase in ("fp", "qat"):
+            times = [b[1] - a[1] for a, b in zip(clock.stamps, clock.stamps[1:])
+                     if a[0] == b[0] == phase]
+            times = sorted(times[5:])                 # the first steps compile
+            out[f"{name}_{phase}_step_ms"] = round(times[len(times) // 2] * 1e3, 2)
+        torch.compiler.reset()
+    for phase in ("fp", "qat"):
+        out[f"{phase}_compiled_vs_eager"] = round(
+            out[f"eager_{phase}_step_ms"] / out[f"compiled_{phase}_step_ms"], 3)
+    return out
+
+
 # ----------------------------------------------------------------------------------- cpu
 def _cpu_median_ms(fn, reps: int) -> float:
     times = []
@@ -706,7 +763,7 @@ def cpu_section(args):
 
 
 SECTIONS = [env, exact, gemm_section, k1_section, linear_section, step_section, e2e_section,
-            cpu_section]
+            loop_section, cpu_section]
 
 
 def summary() -> str:
@@ -753,6 +810,9 @@ def summary() -> str:
             add(f"lm-30m step {key}", f"{e[key]}x")
     for key in [k_ for k_ in e if k_.endswith("_step_ms")]:
         add(f"lm-30m {key}", e[key])
+    for key, v in RESULTS.get("loop", {}).items():
+        if key.endswith(("_ms", "_vs_eager", "_wall_s", "_loss")):
+            add(f"coqat loop lm-30m {key}", v)
     for key, v in RESULTS.get("cpu", {}).items():
         if key.endswith(("_ms", "_vs_eager")):
             add(f"CPU lm-tiny {key}", v)
