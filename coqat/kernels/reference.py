@@ -2,8 +2,8 @@
 
 This module is the oracle the Triton kernels are tested against, and the implementation of
 the kernel path where Triton cannot run (CPU). Codes agree except where the float32 rotation
-rounds differently at a quantizer tie (``coqat.quant.hadamard``); the GEMM is bit-exact. It does not define any
-numerics of its own: the rotation is ``coqat.quant.hadamard_transform`` and the codes,
+rounds differently at a quantizer tie (``coqat.quant.hadamard``); the GEMM is bit-exact.
+It does not define any numerics of its own: the rotation is ``coqat.quant.hadamard_transform`` and the codes,
 steps and gradient masks are ``coqat.quant.quantize_rows``. What it adds is how those
 integers are *stored and multiplied* on tensor cores.
 
