@@ -1,22 +1,24 @@
-"""Correctness and speed of coqat's low-bit kernels (K1-K4) on a CUDA GPU.
+"""Correctness and speed of coqat's low-bit kernels on a CUDA GPU, eager and compiled.
 
-Every speed figure is a ratio against torch BF16 measured in the same run, with
+Every speed figure is a ratio against torch BF16 measured in the same run, both eager and
+``torch.compile``d (the baseline a nanoGPT-style training run uses), with
 ``triton.testing.do_bench`` medians (L2 flushed between repetitions). Sections:
 
   env        device, driver and library versions
-  exact      K1 codes/steps/masks vs the torch reference on GPU shapes (mismatch counts),
-             K2 exactness of the FP8/INT8 accumulation, K3 gradients vs the fake-quant
-             module, K4 pack/unpack vs the torch reference
-  gemm       K2 at M=N=K=8192 (and 16384x8192x8192): cuBLAS BF16 vs FP8 exact/fast,
-             Triton FP8/INT8, torch._int_mm
-  k1         K1 bandwidth at 16384x8192 (H128 / H64 / no rotation; variants), vs x.clone()
+  exact      K1 against the torch reference at GPU shapes: code mismatch rate (the rotation
+             contract allows one-step differences at float32 ties), max code difference,
+             steps; bit-equality on grid inputs. K2 exactness of the FP8/INT8
+             accumulation, K3 gradients vs the fake-quant module, K4 pack/unpack
+  gemm       K2 at M=N=K=8192 (and more): cuBLAS BF16 vs FP8 exact/fast, Triton FP8/INT8
+  k1         K1 bandwidth at 16384x8192 (H128 / H64 / no rotation), a sweep of launch
+             configurations, vs x.clone(); the lm-30m activation shapes
   linear     forward of a linear incl. quantizing x and w, M=16384, K=N=8192, with the time
              split into quantizer and GEMM
-  step       one QAT step of a linear (forward + v1 backward) vs BF16 and vs fake-quant
-             (coqat's eager reference path and a torch.compile'd fake-quant), at the big
-             shape and at the lm-30m shapes
-  e2e        one training step of the lm-30m model (batch 64x512, bf16 autocast, AdamW):
-             BF16 vs QAT on the kernels vs QAT on the reference path
+  step       one QAT step of a linear (forward + v1 backward), eager and compiled, vs BF16
+             eager and compiled, at the big shape and at the lm-30m shapes
+  e2e        one training step of the lm-30m model (batch 64x512, bf16 autocast, fused
+             AdamW): BF16 eager / compiled (= coqat's FP phase), QAT W4A4 on the kernels
+             eager / compiled / compiled with CUDA graphs; GPU time split by kernel family
 
 Run on the GPU machine from the repository root::
 
@@ -40,8 +42,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from coqat.kernels import linear_spec, lowbit_linear, use_kernels  # noqa: E402
 from coqat.kernels import reference as ref  # noqa: E402
-from coqat.kernels.linear import linear_spec, lowbit_linear  # noqa: E402
 
 RESULTS: dict = {}
 
@@ -64,7 +66,8 @@ def section(name):
                 traceback.print_exc()
                 RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
             RESULTS.setdefault("_seconds", {})[name] = round(time.time() - t0, 1)
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
         run.section_name = name
         return run
@@ -81,6 +84,9 @@ def env(args):
     import numpy
     import triton
 
+    if not torch.cuda.is_available():
+        return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                "python": platform.python_version(), "numpy": numpy.__version__}
     p = torch.cuda.get_device_properties(0)
     return {
         "device": torch.cuda.get_device_name(0),
@@ -96,21 +102,31 @@ def env(args):
 
 
 # ------------------------------------------------------------------------------ exactness
-def _k1_mismatch(x, q, elems=None, config=None, **kw):
-    from coqat.kernels.triton_quant import QUANT_CONFIG, quantize_rows_triton
+def _k1_mismatch(x, q, config=None):
+    """K1 vs the torch reference: how many codes differ (the contract allows one step at
+    float32 ties), by how much at most, how many steps and mask bytes differ."""
+    from coqat.kernels.triton_quant import quantize_rows_triton
 
-    cfg = QUANT_CONFIG(x.shape[0], x.shape[1], q.block, elems=elems) if elems else config
-    a = quantize_rows_triton(x, q, config=cfg, **kw)
+    a = quantize_rows_triton(x, q, config=config)
     b = ref.quantize_ref(x, q)
+    diff = (ref.integer_codes(a.codes, q.fmt).int() - ref.integer_codes(b.codes, q.fmt).int()).abs()
     out = {
-        "codes": int((a.codes.view(torch.uint8) != b.codes.view(torch.uint8)).sum()),
-        "step": int((a.step.view(torch.int32) != b.step.view(torch.int32)).sum()),
-        "mask_bytes": int((a.mask_bits != b.mask_bits).sum()),
+        "codes_differ": int((diff > 0).sum()),
+        "rate": float((diff > 0).sum()) / x.numel(),
+        "max_code_diff": int(diff.max()),
+        "steps_differ": int((a.step.view(torch.int32) != b.step.view(torch.int32)).sum()),
+        "max_step_rel_diff": float(((a.step - b.step).abs() / b.step).max()),
+        "mask_bytes_differ": int((a.mask_bits != b.mask_bits).sum()),
         "elements": x.numel(),
         "rows": x.shape[0],
     }
     if b.rowsum is not None:
-        out["rowsum"] = int((a.rowsum != b.rowsum).sum())
+        out["rowsums_differ"] = int((a.rowsum != b.rowsum).sum())
+    g = (torch.round(x.float().clamp(-3.9, 3.9) * 64) / 64).to(x.dtype)  # exact float32 sums
+    a, b = quantize_rows_triton(g, q, config=config), ref.quantize_ref(g, q)
+    out["grid_inputs_bit_equal"] = bool(
+        torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8))
+        and torch.equal(a.step, b.step) and torch.equal(a.mask_bits, b.mask_bits))
     return out
 
 
@@ -123,7 +139,6 @@ def exact(args):
         unpack_int2_triton,
         unpack_int4_triton,
     )
-    from coqat.kernels.triton_quant import QuantConfig as QCfg
     from coqat.quant import QuantLinear
 
     FIXED = gemm.GemmConfig(128, 128, 128, 8, 8, 4)
@@ -132,51 +147,19 @@ def exact(args):
     big = (4096, 8192) if args.quick else (16384, 8192)
     x = _rand_bf16(*big) * torch.rand(big[0], 1, device="cuda").to(torch.bfloat16)
     cases = [
-        ("quest4_h128_bf16", x, 4, "quest", 128, {}),
-        ("quest4_h128_bf16_f2f", x, 4, "quest", 128, {"int_cvt": False}),
-        ("quest4_h128_bf16_intcvt", x, 4, "quest", 128, {"int_cvt": True}),
-        ("quest8_h128_intcvt", x, 8, "quest", 128, {"int_cvt": True}),
-        ("quest4_h128_e32_intcvt", x, 4, "quest", 128, {"int_cvt": True, "elems": 32}),
-        ("quest4_h128_e32_f2f", x, 4, "quest", 128, {"int_cvt": False, "elems": 32}),
-        ("quest8_h128_e32", x, 8, "quest", 128, {"elems": 32}),
-        ("quest4_h128_persist_pipe2", x, 4, "quest", 128, {"config": QCfg(1, 8192, 4, 64, 3, 2)}),
-        (
-            "quest4_h128_w8_persist_pipe2",
-            x,
-            4,
-            "quest",
-            128,
-            {"config": QCfg(1, 8192, 8, 64, 2, 2)},
-        ),
-        ("quest4_h128_w8", x, 4, "quest", 128, {"config": QCfg(1, 8192, 8)}),
-        ("quest4_h128_div_rn", x, 4, "quest", 128, {"markstein": False}),
-        ("quest2_h128", x, 2, "quest", 128, {}),
-        ("quest8_h128_int8corr", x, 8, "quest", 128, {}),
-        ("quest6_h64", x, 6, "quest", 64, {}),
-        ("rtn4_noH", x, 4, "rtn", 1, {}),
-        ("quest4_w_fp32_8192", torch.randn(8192, 8192, device="cuda") * 0.02, 4, "quest", 128, {}),
-        ("quest4_lm30m_640", _rand_bf16(32768, 640), 4, "quest", 128, {}),
-        ("quest4_lm30m_1792_fp32", torch.randn(32768, 1792, device="cuda"), 4, "quest", 128, {}),
-        (
-            "quest4_w_fp32_intcvt",
-            torch.randn(8192, 8192, device="cuda") * 0.02,
-            4,
-            "quest",
-            128,
-            {"int_cvt": True},
-        ),
-        (
-            "quest4_w_fp32_f2f",
-            torch.randn(8192, 8192, device="cuda") * 0.02,
-            4,
-            "quest",
-            128,
-            {"int_cvt": False},
-        ),
+        ("quest4_h128_bf16", x, 4, "quest", 128),
+        ("quest2_h128_bf16", x, 2, "quest", 128),
+        ("quest8_h128_int8corr", x, 8, "quest", 128),
+        ("quest6_h64", x, 6, "quest", 64),
+        ("rtn4_noH", x, 4, "rtn", 1),
+        ("quest4_w_fp32_8192", torch.randn(8192, 8192, device="cuda") * 0.02, 4, "quest", 128),
+        ("quest8_w_fp32_8192", torch.randn(8192, 8192, device="cuda") * 0.02, 8, "quest", 128),
+        ("quest4_lm30m_640_fp32", torch.randn(32768, 640, device="cuda"), 4, "quest", 128),
+        ("quest4_lm30m_1792_bf16", _rand_bf16(32768, 1792), 4, "quest", 128),
     ]
-    for name, t, bits, method, block, kw in cases:
+    for name, t, bits, method, block in cases:
         fmt = ref.lowbit_format(bits, bits, method)
-        res[f"k1_{name}"] = _k1_mismatch(t, ref.RowQuantizer(bits, fmt, method, block), **kw)
+        res[f"k1_{name}"] = _k1_mismatch(t, ref.RowQuantizer(bits, fmt, method, block))
     del x
     if args.k1_exact_only:
         return res
@@ -247,7 +230,7 @@ def exact(args):
         out = {}
         grads = {}
         for path in ("reference", "triton"):
-            lin.kernels = path
+            use_kernels(lin, path)
             x.grad = lin.weight.grad = lin.bias.grad = None
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = lin(x)
@@ -352,201 +335,82 @@ def gemm_section(args):
 
 
 # ------------------------------------------------------------------------------------ k1
+def _k1_time(t, bits, method, block, config=None, with_mask=True):
+    from coqat.kernels.triton_quant import quantize_rows_triton
+
+    fmt = ref.lowbit_format(bits, bits, method)
+    q = ref.RowQuantizer(bits, fmt, method, block)
+    quantize_rows_triton(t, q, with_mask, config=config)
+    ms = bench(lambda: quantize_rows_triton(t, q, with_mask, config=config))
+    # bytes moved: the input once, one code byte, one mask bit an element, one step a row
+    nbytes = t.numel() * (t.element_size() + 1) + t.numel() // 8 + t.shape[0] * 4
+    return {"ms": round(ms, 4), "TBps": round(nbytes / ms / 1e9, 3),
+            "bytes_per_elem": round(nbytes / t.numel(), 3)}
+
+
+K1_SWEEP = [(tile, warps, pps) for tile in (4096, 8192, 16384) for warps in (4, 8)
+            for pps in (1, 2)]
+
+
 @section("k1")
 def k1_section(args):
-    from coqat.kernels.triton_quant import (
-        QUANT_CONFIG,
-        QuantConfig,
-        quantize_rows_triton,
-    )
+    from coqat.kernels import triton_quant
+    from coqat.kernels.triton_quant import QuantConfig
 
     out = {}
     m, k = 16384, 8192
     x = _rand_bf16(m, k)
     out["clone_ms"] = bench(lambda: x.clone())
     out["clone_TBps"] = round(2 * x.numel() * 2 / out["clone_ms"] / 1e9, 3)
-
-    def run(name, t, bits, method, block, **kw):
-        fmt = ref.lowbit_format(bits, bits, method)
-        q = ref.RowQuantizer(bits, fmt, method, block)
-        quantize_rows_triton(t, q, **kw)
-        ms = bench(lambda: quantize_rows_triton(t, q, **kw))
-        nbytes = t.numel() * (t.element_size() + 1) + t.numel() // 8 + t.shape[0] * 4
-        out[name] = {
-            "ms": round(ms, 4),
-            "TBps": round(nbytes / ms / 1e9, 3),
-            "bytes_per_elem": round(nbytes / t.numel(), 3),
-        }
-
-    run("quest4_h128", x, 4, "quest", 128)
+    x6 = torch.randn(32768, 640, device="cuda")          # lm-30m: RMSNorm output, float32
+    x17 = _rand_bf16(32768, 1792)                         # lm-30m: down_proj input, bf16
     sweep = {}
-    variants = {
-        "w4": QuantConfig(1, 8192, 4),
-        "w8": QuantConfig(1, 8192, 8),
-        "w4_persist3": QuantConfig(1, 8192, 4, 64, 3, 1),
-        "w4_persist3_pipe2": QuantConfig(1, 8192, 4, 64, 3, 2),
-        "w4_persist3_pipe3": QuantConfig(1, 8192, 4, 64, 3, 3),
-        "w8_persist1_pipe2": QuantConfig(1, 8192, 8, 64, 1, 2),
-        "w8_persist2_pipe2": QuantConfig(1, 8192, 8, 64, 2, 2),
-    }
-    for name, cfg in variants.items():
-        for int_cvt in (False, True):
-            full = f"quest4_h128_{name}_{'int' if int_cvt else 'f2f'}"
-            try:
-                run(full, x, 4, "quest", 128, int_cvt=int_cvt, config=cfg)
-                sweep[full] = (out[full]["ms"], name, int_cvt)
-            except Exception as e:  # a variant that does not compile must not stop the sweep
-                out[full] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    best = min(sweep.values())
-    out["best_variant"] = {"ms": best[0], "variant": best[1], "int_cvt": best[2]}
-    x6 = _rand_bf16(32768, 640)
-    for name in ("w4", "w8", "w4_persist3_pipe2", best[1]):
-        base = variants[name]
-        cfg = QUANT_CONFIG(32768, 640, 128)._replace(
-            num_warps=QUANT_CONFIG(32768, 640, 128).num_warps * base.num_warps // 4,
-            persist=base.persist,
-            stages=base.stages,
-        )
-        run(f"lm30m_x640_{name}", x6, 4, "quest", 128, int_cvt=best[2], config=cfg)
-    run("quest4_h128_div_rn", x, 4, "quest", 128, markstein=False)
-    run("quest4_h8", x, 4, "quest", 8)
-    run("quest4_h32", x, 4, "quest", 32)
-    if not args.quick:
-        run("quest8_h128_int8", x, 8, "quest", 128)
-        run("quest4_h64", x, 4, "quest", 64)
-        run("quest4_noH", x, 4, "quest", 1)
-        run("rtn4_noH", x, 4, "rtn", 1)
-        w = torch.randn(8192, 8192, device="cuda")
-        run("weight_fp32_8192_quest4_h128", w, 4, "quest", 128)
-        run("lm30m_x640_quest4", _rand_bf16(32768, 640), 4, "quest", 128)
-        run("lm30m_x1792_quest4", _rand_bf16(32768, 1792), 4, "quest", 128)
-    out["default_config"] = str(QUANT_CONFIG(m, k, 128))
-    # Later sections use the fastest (bit-identical) variant of the sweep.
-    from coqat.kernels import triton_quant
+    for tile, warps, pps in K1_SWEEP:
+        cfg = QuantConfig(tile, warps, pps)
+        name = f"tile{tile}_w{warps}_pps{pps}"
+        try:
+            r = {"big": _k1_time(x, 4, "quest", 128, cfg)}
+            r["x640_fp32"] = _k1_time(x6, 4, "quest", 128, cfg)
+            r["x1792_bf16"] = _k1_time(x17, 4, "quest", 128, cfg)
+            sweep[name] = r
+        except Exception as e:  # a configuration that does not compile must not stop the sweep
+            sweep[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    out["sweep"] = sweep
+    ok = {n: r for n, r in sweep.items() if "error" not in r}
+    # The default for later sections: the best total over the three shapes.
+    best = min(ok, key=lambda n: sum(v["ms"] for v in ok[n].values()))
+    tile, warps, pps = next(c for c in K1_SWEEP if f"tile{c[0]}_w{c[1]}_pps{c[2]}" == best)
+    triton_quant.DEFAULT_CONFIG = QuantConfig(tile, warps, pps)
+    out["best"] = {"config": best, **ok[best]}
+    out["best_per_shape"] = {shape: min(ok, key=lambda n: ok[n][shape]["ms"])
+                             for shape in ("big", "x640_fp32", "x1792_bf16")}
+    out["quest4_h128"] = _k1_time(x, 4, "quest", 128)
+    out["quest4_h128_fp32_weight_8192"] = _k1_time(torch.randn(8192, 8192, device="cuda"),
+                                                   4, "quest", 128)
+    out["quest8_h128_int8"] = _k1_time(x, 8, "quest", 128)
+    out["quest4_h64"] = _k1_time(x, 4, "quest", 64)
+    out["quest4_h32"] = _k1_time(x, 4, "quest", 32)
+    out["quest4_noH"] = _k1_time(x, 4, "quest", 1)
+    out["rtn4_noH"] = _k1_time(x, 4, "rtn", 1)
+    # Where K1's time goes: without the mask, and the rotation alone (bf16 in, fp32 out)
+    out["quest4_h128_no_mask"] = _k1_time(x, 4, "quest", 128, with_mask=False)
+    from coqat.kernels.triton_rotate import hadamard_triton, masked_rotate_triton
 
-    bcfg = variants[best[1]]
-    triton_quant.INT_CVT_DEFAULT = best[2]
-    triton_quant.WARP_MULT_DEFAULT = bcfg.num_warps // 4
-    triton_quant.PERSIST_DEFAULT = bcfg.persist
-    triton_quant.STAGES_DEFAULT = bcfg.stages
-    out["used_later"] = {"int_cvt": best[2], "variant": best[1]}
-    # The torch reference quantizer on the same input (what the fake-quant path runs).
+    hadamard_triton(x, 128)
+    ms = bench(lambda: hadamard_triton(x, 128))
+    out["rotation_only_bf16_to_fp32"] = {"ms": round(ms, 4),
+                                         "TBps": round(x.numel() * 6 / ms / 1e9, 3)}
+    mbits = torch.randint(0, 256, (32768, 80), dtype=torch.uint8, device="cuda")
+    g6 = _rand_bf16(32768, 640)
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        masked_rotate_triton(g6, mbits, 128, dt)
+        ms = bench(lambda: masked_rotate_triton(g6, mbits, 128, dt))
+        nbytes = g6.numel() * (2 + dt.itemsize) + mbits.numel()
+        out[f"masked_rotate_32768x640_to_{name}"] = {"ms": round(ms, 4),
+                                                     "TBps": round(nbytes / ms / 1e9, 3)}
     fmt = ref.lowbit_format(4, 4, "quest")
     q = ref.RowQuantizer(4, fmt, "quest", 128)
     out["torch_reference_ms"] = round(bench(lambda: ref.quantize_ref(x, q), rep=50), 3)
-    return out
-
-
-# ---------------------------------------------------------------------------------- diag
-_DIAG = {}
-
-
-def _diag_kernels():
-    """Micro-kernels that time one kind of instruction per element (built on first use)."""
-    if _DIAG:
-        return _DIAG
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def convert_chain(x_ptr, out_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
-        # 2*N conversions f32 <-> f64 per element (plus N DADD)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        y = tl.load(x_ptr + offs).to(tl.float32)
-        for _ in tl.static_range(N):
-            y = (y.to(tl.float64) + 1.0).to(tl.float32)
-        tl.store(out_ptr + offs, y)
-
-    @triton.jit
-    def dadd_chain(x_ptr, out_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
-        # 4*N DADD per element on 4 independent chains, 2 conversions
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        y = tl.load(x_ptr + offs).to(tl.float64)
-        a = y
-        b = y * 0.5
-        c = y * 0.25
-        d = y * 0.125
-        for _ in tl.static_range(N):
-            a = a + 1.0
-            b = b + 1.0
-            c = c + 1.0
-            d = d + 1.0
-        tl.store(out_ptr + offs, ((a + b) + (c + d)).to(tl.float32))
-
-    @triton.jit
-    def fadd_chain(x_ptr, out_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        y = tl.load(x_ptr + offs).to(tl.float32)
-        a = y
-        b = y * 0.5
-        c = y * 0.25
-        d = y * 0.125
-        for _ in tl.static_range(N):
-            a = a + 1.0
-            b = b + 1.0
-            c = c + 1.0
-            d = d + 1.0
-        tl.store(out_ptr + offs, (a + b) + (c + d))
-
-    _DIAG.update(convert=convert_chain, dadd=dadd_chain, fadd=fadd_chain)
-    return _DIAG
-
-
-@section("diag")
-def diag_section(args):
-    """Instruction throughputs behind K1, and the CPU cost of launching the kernels."""
-    from coqat.kernels.triton_quant import quantize_rows_triton
-
-    out = {}
-    k = _diag_kernels()
-    n_el = 1 << 26
-    x = _rand_bf16(n_el)
-    y = torch.empty(n_el, device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    clock = 1.98e9  # nvidia-smi max SM clock on this H100 (read at the start of the run)
-    for name, n, per in (("convert", 16, 2 * 16), ("dadd", 16, 4 * 16), ("fadd", 64, 4 * 64)):
-        fn = k[name]
-        fn[(n_el // 1024,)](x, y, N=n, BLOCK=1024, num_warps=4)
-        ms = bench(lambda: fn[(n_el // 1024,)](x, y, N=n, BLOCK=1024, num_warps=4))
-        ops_per_clk_sm = n_el * per / (ms * 1e-3) / clock / sms
-        out[f"{name}_ops_per_clk_per_sm"] = round(ops_per_clk_sm, 1)
-    # CPU-side cost: a K1 launch on a tiny tensor, and a whole kernel-path linear fwd+bwd on a
-    # tiny shape (both dominated by Python and launch overhead), against F.linear.
-    spec = linear_spec(4, 4, 128)
-    xs = _rand_bf16(128, 640)
-    quantize_rows_triton(xs, spec.act)
-    out["tiny_k1_us"] = round(bench(lambda: quantize_rows_triton(xs, spec.act)) * 1e3, 1)
-    xg = xs.clone().requires_grad_(True)
-    w = torch.randn(640, 640, device="cuda", requires_grad=True)
-    dy = _rand_bf16(128, 640)
-
-    def tiny(fn):
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                yv = fn()
-            return torch.autograd.grad(yv, (xg, w), dy)
-
-        return step
-
-    out["tiny_step_kernels_us"] = round(
-        bench(tiny(lambda: lowbit_linear(xg, w, None, spec))) * 1e3, 1
-    )
-    out["tiny_step_bf16_us"] = round(bench(tiny(lambda: F.linear(xg, w))) * 1e3, 1)
-    import cProfile
-    import io
-    import pstats
-
-    step = tiny(lambda: lowbit_linear(xg, w, None, spec))
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        step()
-    torch.cuda.synchronize()
-    prof.disable()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
-    out["tiny_step_cprofile_top"] = buf.getvalue()[-6000:]
-    print(buf.getvalue()[-6000:])
     return out
 
 
@@ -568,52 +432,31 @@ def _gpu_time_by_kernel(step, n_steps=3):
             t = ev.cuda_time_total
         if t <= 0 or ev.key.startswith("ProfilerStep"):
             continue
-        name = ev.key
+        name = ev.key.lower()
         if "quantize_rows" in name:
             fam = "K1 quantize"
         elif "masked_rotate" in name:
             fam = "bwd masked rotate"
         elif "dequantize" in name:
             fam = "bwd dequantize"
-        elif "lowbit_gemm" in name or "f8f8bf16" in name or "e4m3" in name.lower():
+        elif "lowbit_gemm" in name or "f8f8bf16" in name or "e4m3" in name:
             fam = "FP8/INT8 GEMM"
-        elif "gemm" in name.lower() or "nvjet" in name.lower() or "cutlass" in name.lower():
+        elif "gemm" in name or "nvjet" in name or "cutlass" in name or "sm90_xmma" in name:
             fam = "BF16 GEMM"
-        elif "flash" in name.lower() or "attention" in name.lower() or "fmha" in name.lower():
+        elif "flash" in name or "attention" in name or "fmha" in name:
             fam = "attention"
+        elif "adam" in name:
+            fam = "optimizer"
+        elif name.startswith("triton_"):
+            fam = "Inductor fused kernels (norms, RoPE, SwiGLU, casts, loss)"
         else:
-            fam = "other (elementwise, norms, optimizer, casts)"
+            fam = "other eager kernels"
         fams[fam] = fams.get(fam, 0.0) + t / 1e3 / n_steps
         total += t / 1e3 / n_steps
     return {"gpu_ms_per_step": round(total, 3), **{k: round(v, 3) for k, v in sorted(fams.items())}}
 
 
 # -------------------------------------------------------------------------------- linear
-def _fq_compiled():
-    """A fast fake-quant QuEST (what QuEST/torchao-style QAT runs): bf16 Hadamard matmul +
-    RMS scale + round, straight-through with the trust mask; torch.compile'd."""
-    from coqat.quant.hadamard import sylvester_matrix
-    from coqat.quant.quantizers import ALPHA
-
-    h = (sylvester_matrix(128, "cuda") * 128**-0.5).to(torch.bfloat16)
-
-    def fq(t, bits=4):
-        r = (t.to(torch.bfloat16).reshape(-1, 128) @ h).reshape(t.shape).float()
-        rms = r.pow(2).mean(-1, keepdim=True).sqrt()
-        scale = ALPHA[bits] * rms + 1e-8
-        step = 2 * scale / (2**bits - 1)
-        k_ = torch.round(torch.clamp(r, -scale, scale) / step + 0.5)
-        v = k_ * step - step / 2
-        mask = (v - r).abs() <= ALPHA[bits] / (2**bits - 1) * rms
-        g = r * mask
-        return (g + (v - g).detach()).to(torch.bfloat16)
-
-    def linear(x, w):
-        return F.linear(fq(x), fq(w))
-
-    return torch.compile(linear)
-
-
 @section("linear")
 def linear_section(args):
     from coqat.kernels import gemm
@@ -625,12 +468,9 @@ def linear_section(args):
     w32 = torch.randn(n, k, device="cuda") * 0.02
     w16 = w32.to(torch.bfloat16)
     out["bf16_matmul_ms"] = bench(lambda: F.linear(x, w16))
-
-    def autocast_linear():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return F.linear(x, w32)
-
-    out["bf16_autocast_fp32_master_ms"] = bench(autocast_linear)
+    lin_c = torch.compile(F.linear)
+    lin_c(x, w16)
+    out["bf16_compiled_ms"] = bench(lambda: lin_c(x, w16))
     spec = linear_spec(4, 4, 128)
     with torch.no_grad():
         out["kernels_fwd_bf16_weight_ms"] = bench(lambda: lowbit_linear(x, w16, None, spec))
@@ -639,119 +479,81 @@ def linear_section(args):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return lowbit_linear(x, w32, None, spec)
 
+        def bf16_autocast():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return F.linear(x, w32)
+
+        out["bf16_autocast_fp32_master_ms"] = bench(bf16_autocast)
         out["kernels_fwd_fp32_master_ms"] = bench(kern_autocast)
-        # Where the time goes.
         qa = quantize_rows_triton(x, spec.act)
         qw16 = quantize_rows_triton(w16, spec.weight)
         out["part_k1_x_ms"] = bench(lambda: quantize_rows_triton(x, spec.act))
         out["part_k1_w_bf16_ms"] = bench(lambda: quantize_rows_triton(w16, spec.weight))
         out["part_k1_w_fp32_ms"] = bench(lambda: quantize_rows_triton(w32, spec.weight))
         out["part_gemm_ms"] = bench(lambda: gemm.lowbit_matmul_scaled_mm(qa, qw16, spec.fmt))
-        out["part_gemm_fast_ms"] = bench(
-            lambda: gemm.lowbit_matmul_scaled_mm(qa, qw16, spec.fmt, None, True)
-        )
-    out["speedup_vs_bf16_matmul"] = round(
-        out["bf16_matmul_ms"] / out["kernels_fwd_bf16_weight_ms"], 3
-    )
+    out["speedup_vs_bf16_matmul"] = round(out["bf16_matmul_ms"] / out["kernels_fwd_bf16_weight_ms"], 3)
+    out["speedup_vs_bf16_compiled"] = round(out["bf16_compiled_ms"] / out["kernels_fwd_bf16_weight_ms"], 3)
     out["speedup_autocast"] = round(
-        out["bf16_autocast_fp32_master_ms"] / out["kernels_fwd_fp32_master_ms"], 3
-    )
+        out["bf16_autocast_fp32_master_ms"] / out["kernels_fwd_fp32_master_ms"], 3)
     out["quantizer_share"] = round(
-        (out["part_k1_x_ms"] + out["part_k1_w_bf16_ms"]) / out["kernels_fwd_bf16_weight_ms"], 3
-    )
+        (out["part_k1_x_ms"] + out["part_k1_w_bf16_ms"]) / out["kernels_fwd_bf16_weight_ms"], 3)
     return out
 
 
-def _step_times(m, k, n, args, with_compiled):
-    from coqat.quant import QuantLinear
-
+def _step_times(m, k, n, compiled_too=True):
+    """One QAT step of a linear (fwd + bwd w.r.t. x and W, fp32 master weight, bf16 autocast)."""
     r = {}
     x = _rand_bf16(m, k).requires_grad_(True)
     dy = _rand_bf16(m, n)
-    lin = QuantLinear(k, n, bias=False, w_bits=4, a_bits=4, hadamard_block=128).cuda()
-    w = lin.weight
+    w = (torch.randn(n, k, device="cuda") * 0.02).requires_grad_(True)
+    spec = linear_spec(4, 4, 128)
 
-    def bf16_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = F.linear(x, w)
-        return torch.autograd.grad(y, (x, w), dy)
-
-    def module_step(path):
-        lin.kernels = path
-
+    def step_of(fn):
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = lin(x)
+                y = fn(x, w)
             return torch.autograd.grad(y, (x, w), dy)
 
         return step
 
-    r["bf16_ms"] = bench(bf16_step)
-    r["kernels_ms"] = bench(module_step("triton"))
-    r["fakequant_reference_ms"] = bench(module_step("reference"), rep=50)
-    if with_compiled:
-        try:
-            lc = _fq_compiled()
-            for _ in range(2):
-                torch.autograd.grad(lc(x, w), (x, w), dy)
-            r["fakequant_compiled_ms"] = bench(lambda: torch.autograd.grad(lc(x, w), (x, w), dy))
-        except Exception as e:  # compile problems must not lose the rest
-            r["fakequant_compiled_error"] = f"{type(e).__name__}: {e}"
+    def bf16(x_, w_):
+        return F.linear(x_, w_)
+
+    def kernels(x_, w_):
+        return lowbit_linear(x_, w_, None, spec)
+
+    r["bf16_ms"] = bench(step_of(bf16))
+    r["kernels_ms"] = bench(step_of(kernels))
+    if compiled_too:
+        for name, fn, mode in (("bf16_compiled_ms", bf16, None),
+                               ("kernels_compiled_ms", kernels, None),
+                               ("bf16_cudagraphs_ms", bf16, "reduce-overhead"),
+                               ("kernels_cudagraphs_ms", kernels, "reduce-overhead")):
+            step = step_of(torch.compile(fn, mode=mode))
+            step()
+            step()
+            r[name] = bench(step)
     r["speedup_vs_bf16"] = round(r["bf16_ms"] / r["kernels_ms"], 3)
-    r["speedup_vs_fakequant_reference"] = round(r["fakequant_reference_ms"] / r["kernels_ms"], 3)
-    if "fakequant_compiled_ms" in r:
-        r["speedup_vs_fakequant_compiled"] = round(r["fakequant_compiled_ms"] / r["kernels_ms"], 3)
-        r["fakequant_compiled_vs_bf16"] = round(r["bf16_ms"] / r["fakequant_compiled_ms"], 3)
+    if compiled_too:
+        r["compiled_speedup_vs_bf16_compiled"] = round(
+            r["bf16_compiled_ms"] / r["kernels_compiled_ms"], 3)
+        r["compiled_speedup_vs_bf16_eager"] = round(r["bf16_ms"] / r["kernels_compiled_ms"], 3)
+        r["cudagraphs_speedup_vs_bf16_cudagraphs"] = round(
+            r["bf16_cudagraphs_ms"] / r["kernels_cudagraphs_ms"], 3)
+        r["cudagraphs_speedup_vs_bf16_compiled"] = round(
+            r["bf16_compiled_ms"] / r["kernels_cudagraphs_ms"], 3)
+        r["gpu_profile_bf16"] = _gpu_time_by_kernel(step_of(bf16))
+        r["gpu_profile_kernels"] = _gpu_time_by_kernel(step_of(kernels))
     return r
 
 
 @section("step")
 def step_section(args):
-    from coqat.kernels.linear import _dequantize, _masked_rotate
-    from coqat.kernels.triton_quant import quantize_rows_triton
-
     out = {}
     m = 4096 if args.quick else 16384
-    out[f"{m}x8192x8192"] = _step_times(m, 8192, 8192, args, with_compiled=not args.quick)
-    # backward parts at the big shape
-    spec = linear_spec(4, 4, 128)
-    x = _rand_bf16(m, 8192)
-    qa = quantize_rows_triton(x, spec.act)
-    g = _rand_bf16(m, 8192)
-    out["part_dequant_x_ms"] = bench(lambda: _dequantize(qa, spec, torch.bfloat16))
-    out["part_masked_rotate_dx_ms"] = bench(
-        lambda: _masked_rotate(g, qa.mask_bits, spec, torch.bfloat16)
-    )
-    w = _rand_bf16(8192, 8192)
-    out["part_bf16_grad_gemm_ms"] = bench(lambda: g @ w)
-    if not args.quick:
-        for k, n in ((640, 640), (640, 1792), (1792, 640)):
-            out[f"32768x{k}x{n}"] = _step_times(32768, k, n, args, with_compiled=False)
-    return out
-
-
-@section("stepgpu")
-def stepgpu_section(args):
-    """GPU time (profiler) of one QAT step per linear: the kernels' cost without the CPU."""
-    out = {}
-    for m, k, n in ((16384, 8192, 8192), (32768, 640, 640), (32768, 640, 1792), (32768, 1792, 640)):
-        x = _rand_bf16(m, k).requires_grad_(True)
-        w = (torch.randn(n, k, device="cuda") * 0.02).requires_grad_(True)
-        dy = _rand_bf16(m, n)
-        spec = linear_spec(4, 4, 128)
-
-        def step(fn):
-            def run():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = fn()
-                return torch.autograd.grad(y, (x, w), dy)
-
-            return run
-
-        out[f"{m}x{k}x{n}"] = {
-            "bf16": _gpu_time_by_kernel(step(lambda: F.linear(x, w))),
-            "kernels": _gpu_time_by_kernel(step(lambda: lowbit_linear(x, w, None, spec))),
-        }
+    out[f"{m}x8192x8192"] = _step_times(m, 8192, 8192)
+    for k, n in ((640, 640), (640, 1792), (1792, 640)):
+        out[f"32768x{k}x{n}"] = _step_times(32768, k, n)
     return out
 
 
@@ -775,22 +577,21 @@ def e2e_section(args):
     xb, yb = idx[:, :-1], idx[:, 1:]
     out = {"batch": batch, "seq_len": seq}
 
-    def make(mode):
+    def make(quantized, mode):
         torch.manual_seed(0)
         model = workload.build_model().cuda()
-        if mode != "bf16":
-            names = [
-                n
-                for n, mod in model.named_modules()
-                if isinstance(mod, torch.nn.Linear) and n != "lm_head"
-            ]
-            cfg = BitConfig({n: LayerBits(4, 4) for n in names})
-            quantize_model(model, cfg, kernels="triton" if mode == "kernels" else "reference")
+        if quantized:
+            names = [n for n, mod in model.named_modules()
+                     if isinstance(mod, torch.nn.Linear) and n != "lm_head"]
+            quantize_model(model, BitConfig({n: LayerBits(4, 4) for n in names}))
+            use_kernels(model, "triton")
+        net = model if mode == "eager" else torch.compile(
+            model, mode="reduce-overhead" if mode == "cudagraphs" else None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(xb)
+                logits = net(xb)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), yb.reshape(-1))
             loss.backward()
             opt.step()
@@ -800,49 +601,169 @@ def e2e_section(args):
         return step
 
     losses = {}
-    for mode in ("bf16", "kernels", "reference"):
-        step = make(mode)
-        losses[mode] = float(step())
-        out[f"{mode}_step_ms"] = round(bench(step, rep=500 if not args.quick else 200), 3)
-        if mode != "reference":
-            out[f"{mode}_gpu_profile"] = _gpu_time_by_kernel(step)
+    variants = [("bf16", False, "eager"), ("bf16", False, "compiled"),
+                ("bf16", False, "cudagraphs"), ("qat", True, "compiled"),
+                ("qat", True, "cudagraphs"), ("qat", True, "eager")]
+    for kind, quantized, mode in variants:
+        name = f"{kind}_{mode}"
+        try:
+            t0 = time.time()
+            step = make(quantized, mode)
+            losses[name] = float(step())
+            step()
+            out[f"{name}_first_steps_s"] = round(time.time() - t0, 1)
+            out[f"{name}_step_ms"] = round(bench(step, rep=300 if not args.quick else 100), 3)
+            if mode != "cudagraphs":
+                out[f"{name}_gpu_profile"] = _gpu_time_by_kernel(step)
+        except Exception as e:  # one failing variant must not lose the others
+            traceback.print_exc()
+            out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
+        torch.compiler.reset()
     out["first_loss"] = losses
-    out["speedup_kernels_vs_bf16"] = round(out["bf16_step_ms"] / out["kernels_step_ms"], 3)
-    out["speedup_kernels_vs_reference"] = round(
-        out["reference_step_ms"] / out["kernels_step_ms"], 3
-    )
     tokens = batch * seq
-    for mode in ("bf16", "kernels", "reference"):
-        out[f"{mode}_tokens_per_s"] = round(tokens / out[f"{mode}_step_ms"] * 1e3)
+
+    def ratio(a, b):
+        if f"{a}_step_ms" in out and f"{b}_step_ms" in out:
+            out[f"{b}_vs_{a}"] = round(out[f"{a}_step_ms"] / out[f"{b}_step_ms"], 3)
+
+    ratio("bf16_eager", "bf16_compiled")          # the FP phase, compiled vs eager
+    ratio("bf16_eager", "bf16_cudagraphs")        # ... as coqat's loop compiles it
+    ratio("bf16_cudagraphs", "qat_cudagraphs")
+    for q in ("qat_compiled", "qat_cudagraphs", "qat_eager"):
+        ratio("bf16_compiled", q)
+        ratio("bf16_eager", q)
+    for key in [k_ for k_ in out if k_.endswith("_step_ms")]:
+        out[key.replace("_step_ms", "_tokens_per_s")] = round(tokens / out[key] * 1e3)
     return out
 
 
-@section("k1once")
-def k1once_section(args):
-    """A few launches of the default K1 at 16384x8192 (for ncu to profile)."""
-    from coqat.kernels.triton_quant import quantize_rows_triton
+# ---------------------------------------------------------------------------------- loop
+@section("loop")
+def loop_section(args):
+    """coqat's own training loop on lm-30m: FP phase then QAT W4A4 (kernels auto), compiled
+    as ``TrainSettings.compile = "auto"`` does on CUDA vs eager; median step per phase."""
+    import tomllib
 
-    x = _rand_bf16(16384, 8192)
-    fmt = ref.lowbit_format(4, 4, "quest")
-    q = ref.RowQuantizer(4, fmt, "quest", 128)
-    for _ in range(3):
-        quantize_rows_triton(x, q)
-    torch.cuda.synchronize()
-    return {}
+    from coqat.bitconfig import BitConfig, LayerBits
+    from coqat.config import TrainSettings
+    from coqat.optim.schedules import Schedule
+    from coqat.training.loop import TrainHooks, train
+    from coqat.workloads import get_workload
+
+    class StepClock(TrainHooks):
+        def __init__(self):
+            self.stamps = []
+
+        def after_optimizer_step(self, ctx):
+            self.stamps.append((ctx.phase, time.perf_counter()))
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with open(os.path.join(root, "search_spaces", "lm-30m.toml"), "rb") as f:
+        spec = tomllib.load(f)["workload"]
+    spec = {k: v for k, v in spec.items() if k != "name"}
+    spec["corpus"] = ["stdlib", "torch"]          # on any machine with Python and torch
+    workload = get_workload("lm", spec)
+    steps, qat_start = (40, 20) if args.quick else (80, 40)
+    out = {"steps": steps, "qat_start": qat_start}
+    for compile_mode in ("auto", False):
+        torch.manual_seed(0)
+        model = workload.build_model()
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        settings = TrainSettings(steps=steps, batch_size=64, warmup_steps=5, eval_every=10_000,
+                                 eval_batches=1, final_eval_batches=1, log_every=10,
+                                 checkpoint_every=10_000, compile=compile_mode).validate()
+        clock = StepClock()
+        t0 = time.perf_counter()
+        final = train(model=model, workload=workload, settings=settings,
+                      schedule=Schedule(steps, 5, qat_start=qat_start),
+                      bitconfig=BitConfig({n: LayerBits(4, 4) for n in names}),
+                      device=torch.device("cuda"), hooks=[clock], progress=False)
+        name = "compiled" if compile_mode == "auto" else "eager"
+        out[f"{name}_wall_s"] = round(time.perf_counter() - t0, 1)
+        out[f"{name}_final_val_loss"] = final.get(workload.metric)
+        for phase in ("fp", "qat"):
+            times = [b[1] - a[1] for a, b in zip(clock.stamps, clock.stamps[1:])
+                     if a[0] == b[0] == phase]
+            times = sorted(times[5:])                 # the first steps compile
+            out[f"{name}_{phase}_step_ms"] = round(times[len(times) // 2] * 1e3, 2)
+        torch.compiler.reset()
+    for phase in ("fp", "qat"):
+        out[f"{phase}_compiled_vs_eager"] = round(
+            out[f"eager_{phase}_step_ms"] / out[f"compiled_{phase}_step_ms"], 3)
+    return out
 
 
-SECTIONS = [
-    env,
-    exact,
-    gemm_section,
-    k1_section,
-    diag_section,
-    linear_section,
-    step_section,
-    stepgpu_section,
-    e2e_section,
-    k1once_section,
-]
+# ----------------------------------------------------------------------------------- cpu
+def _cpu_median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(sorted(times)[len(times) // 2], 2)
+
+
+@section("cpu")
+def cpu_section(args):
+    """The CPU (the demo's machine): one lm-tiny training step, eager vs torch.compile, FP and
+    QAT W4A4 (fake-quant path); and the rotation before issue #15 (float64 matmul) vs now."""
+    import tomllib
+
+    from coqat.bitconfig import BitConfig, LayerBits
+    from coqat.quant import hadamard_transform, quantize_model
+    from coqat.quant.hadamard import hadamard_scale, sylvester_matrix
+    from coqat.workloads import get_workload
+
+    out = {"threads": torch.get_num_threads()}
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with open(os.path.join(root, "search_spaces", "lm-tiny.toml"), "rb") as f:
+        space = tomllib.load(f)
+    workload = get_workload("lm", {k: v for k, v in space["workload"].items()
+                                   if k not in ("name", "corpus")})
+    batch = space["train"]["batch_size"]
+    idx = torch.randint(0, 256, (batch, workload.seq_len + 1),
+                        generator=torch.Generator().manual_seed(0))
+    xb, yb = idx[:, :-1], idx[:, 1:]
+    for kind in ("fp", "qat"):
+        for mode in ("eager", "compiled"):
+            torch.manual_seed(0)
+            model = workload.build_model()
+            if kind == "qat":
+                names = [n for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+                quantize_model(model, BitConfig({n: LayerBits(4, 4) for n in names}))
+            net = torch.compile(model) if mode == "compiled" else model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step():
+                logits = net(xb)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            t0 = time.perf_counter()
+            step()
+            step()
+            out[f"{kind}_{mode}_first_steps_s"] = round(time.perf_counter() - t0, 1)
+            out[f"{kind}_{mode}_step_ms"] = _cpu_median_ms(step, 30)
+            torch.compiler.reset()
+        out[f"{kind}_compiled_vs_eager"] = round(
+            out[f"{kind}_eager_step_ms"] / out[f"{kind}_compiled_step_ms"], 3)
+    x = torch.randn(batch * workload.seq_len, 128)
+    h64 = sylvester_matrix(128)
+
+    def float64_rotation():
+        return ((x.double().reshape(-1, 128) @ h64) * hadamard_scale(128)).float()
+
+    out["rotation_2048x128_float64_ms"] = _cpu_median_ms(float64_rotation, 200)
+    out["rotation_2048x128_float32_ms"] = _cpu_median_ms(lambda: hadamard_transform(x, 128), 200)
+    return out
+
+
+SECTIONS = [env, exact, gemm_section, k1_section, linear_section, step_section, e2e_section,
+            loop_section, cpu_section]
 
 
 def summary() -> str:
@@ -851,51 +772,50 @@ def summary() -> str:
     def add(name, val):
         lines.append(f"| {name} | {val} |")
 
-    g = RESULTS.get("gemm", {}).get("8192x8192x8192", {})
-    for key in (
-        "fp8_rowwise_exact",
-        "fp8_rowwise_fast",
-        "fp8_tensorwise_exact",
-        "triton_fp8_exact",
-        "triton_int8",
-        "torch_int_mm",
-    ):
-        if f"{key}_vs_bf16" in g:
-            add(
-                f"K2 {key} 8192^3 vs BF16",
-                f"{g[f'{key}_vs_bf16']}x ({g[f'{key}_tflops']} TF/s; BF16 {g['bf16_tflops']})",
-            )
     k1 = RESULTS.get("k1", {})
-    for key in ("quest4_h128", "quest4_h128_div_rn", "quest4_noH", "quest4_h64"):
-        if key in k1:
-            add(f"K1 {key} 16384x8192", f"{k1[key]['TBps']} TB/s ({k1[key]['ms']} ms)")
+    if "best" in k1:
+        b = k1["best"]
+        add("K1 H128 16384x8192 bf16 (best config)",
+            f"{b['big']['TBps']} TB/s, {b['big']['ms']} ms ({b['config']})")
+        add("K1 lm-30m 32768x640 fp32 / 32768x1792 bf16",
+            f"{b['x640_fp32']['TBps']} / {b['x1792_bf16']['TBps']} TB/s")
     if "clone_TBps" in k1:
         add("x.clone() 16384x8192 bf16", f"{k1['clone_TBps']} TB/s")
+    for key in ("quest4_noH", "quest4_h128_fp32_weight_8192"):
+        if key in k1:
+            add(f"K1 {key}", f"{k1[key]['TBps']} TB/s ({k1[key]['ms']} ms)")
+    ex = RESULTS.get("exact", {})
+    for key, r in ex.items():
+        if key.startswith("k1_") and isinstance(r, dict) and "rate" in r:
+            add(f"K1 mismatch {key[3:]}", f"rate {r['rate']:.2e}, max diff {r['max_code_diff']}, "
+                f"grid bit-equal {r['grid_inputs_bit_equal']}")
     lin = RESULTS.get("linear", {})
     if "speedup_vs_bf16_matmul" in lin:
-        add(
-            "linear fwd incl. K1(x), K1(w) vs BF16",
-            f"{lin['speedup_vs_bf16_matmul']}x (quantizer share {lin['quantizer_share']})",
-        )
-    st = RESULTS.get("step", {})
-    for key, r in st.items():
+        add("linear fwd incl. K1(x), K1(w) vs BF16 (eager / compiled)",
+            f"{lin['speedup_vs_bf16_matmul']}x / {lin['speedup_vs_bf16_compiled']}x "
+            f"(quantizer share {lin['quantizer_share']})")
+    for key, r in RESULTS.get("step", {}).items():
         if isinstance(r, dict) and "speedup_vs_bf16" in r:
-            extra = (
-                f", vs compiled fake-quant {r['speedup_vs_fakequant_compiled']}x"
-                if "speedup_vs_fakequant_compiled" in r
-                else ""
-            )
-            add(
-                f"QAT step {key} vs BF16",
-                f"{r['speedup_vs_bf16']}x (vs coqat fake-quant "
-                f"{r['speedup_vs_fakequant_reference']}x{extra})",
-            )
+            add(f"QAT step {key}: eager vs BF16 eager; compiled vs BF16 compiled; "
+                "CUDA graphs vs BF16 CUDA graphs / compiled",
+                f"{r['speedup_vs_bf16']}x; {r.get('compiled_speedup_vs_bf16_compiled')}x; "
+                f"{r.get('cudagraphs_speedup_vs_bf16_cudagraphs')}x / "
+                f"{r.get('cudagraphs_speedup_vs_bf16_compiled')}x")
     e = RESULTS.get("e2e", {})
-    if "speedup_kernels_vs_bf16" in e:
-        add(
-            "lm-30m QAT step vs BF16 step",
-            f"{e['speedup_kernels_vs_bf16']}x ({e['kernels_step_ms']} vs {e['bf16_step_ms']} ms)",
-        )
+    for key in ("bf16_compiled_vs_bf16_eager", "bf16_cudagraphs_vs_bf16_eager",
+                "qat_cudagraphs_vs_bf16_cudagraphs", "qat_compiled_vs_bf16_compiled",
+                "qat_cudagraphs_vs_bf16_compiled", "qat_compiled_vs_bf16_eager",
+                "qat_eager_vs_bf16_eager"):
+        if key in e:
+            add(f"lm-30m step {key}", f"{e[key]}x")
+    for key in [k_ for k_ in e if k_.endswith("_step_ms")]:
+        add(f"lm-30m {key}", e[key])
+    for key, v in RESULTS.get("loop", {}).items():
+        if key.endswith(("_ms", "_vs_eager", "_wall_s", "_loss")):
+            add(f"coqat loop lm-30m {key}", v)
+    for key, v in RESULTS.get("cpu", {}).items():
+        if key.endswith(("_ms", "_vs_eager")):
+            add(f"CPU lm-tiny {key}", v)
     return "\n".join(lines)
 
 
@@ -914,10 +834,11 @@ def main(argv=None) -> int:
         help="in the exact section, check K1 only (K2-K4 checks skipped)",
     )
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
-        return 2
     wanted = set(args.sections.split(","))
+    if not torch.cuda.is_available() and wanted - {"env", "cpu"}:
+        print("benchmarks/kernels.py needs a CUDA GPU (only --sections env,cpu run without one)",
+              file=sys.stderr)
+        return 2
     for s in SECTIONS:
         if s.section_name in wanted:
             s(args)

@@ -39,6 +39,7 @@ from coqat.exporters.deploy import deploy as deploy_run
 from coqat.optim.planner import QatPlan
 from coqat.optim.planner import plan as make_plan
 from coqat.quant import quantize_model
+from coqat.kernels import use_kernels
 from coqat.records import RunRecord
 from coqat.reporting.build import Report, build_report, write_html
 from coqat.bitsearch import run_searches
@@ -187,9 +188,12 @@ def bops(space: str | Path | None = None, model: Any = None,
 def quantize_(model: nn.Module, config: BitConfig | str | Path,
               kernels: str = "reference") -> nn.Module:
     """Quantize ``model`` in place by module name (a BitConfig or a bitconfig.json path);
-    the returned model is the same object, its Linear/Conv2d layers now quantized."""
+    the returned model is the same object, its Linear/Conv2d layers now quantized.
+    ``kernels`` ("reference", "auto" or "triton") picks the matmul backend of the quantized
+    Linear layers (``coqat.kernels.use_kernels``)."""
     cfg = config if isinstance(config, BitConfig) else BitConfig.load(config)
-    return quantize_model(model, cfg, kernels=kernels)
+    quantize_model(model, cfg)
+    return use_kernels(model, kernels)
 
 
 # ----- training and search ------------------------------------------------------------------------

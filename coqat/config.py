@@ -83,6 +83,8 @@ class TrainSettings:
     #: matmul backend of quantized layers: auto (Triton on CUDA, torch reference on CPU),
     #: triton (fail if unavailable) or reference (always the torch reference)
     kernels: str = "auto"
+    #: torch.compile the training step: "auto" (on CUDA, eager on the CPU), true or false
+    compile: bool | str = "auto"
 
     def validate(self, where: str = "[train]") -> "TrainSettings":
         def need(cond: bool, msg: str) -> None:
@@ -122,6 +124,8 @@ class TrainSettings:
              f"cage_schedule must be 'linear' or 'constant' (got {self.cage_schedule!r})")
         need(self.kernels in KERNEL_CHOICES,
              f"kernels must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
+        need(self.compile in ("auto", True, False),
+             f"compile must be 'auto', true or false (got {self.compile!r})")
         return self
 
     def replace(self, **changes: Any) -> "TrainSettings":

@@ -4,12 +4,16 @@ Three kinds of test live here:
 
 - In-process CPU tests of ``coqat.kernels.reference`` against ``coqat.quant`` (the numerics
   definition) and against independent float64 arithmetic, of the kernel-path autograd
-  Function against the fake-quant module, and of ``--kernels`` dispatch and its errors.
+  (the custom ops, reference implementations) against the fake-quant module, of the
+  rotation contract (codes of two float32 rotations differ rarely and by one step), and of
+  ``--kernels`` dispatch and its errors.
 - Triton kernels under the CPU interpreter. ``TRITON_INTERPRET=1`` must be set before
   Triton builds the kernels, so every interpreter check runs in ONE subprocess (this file
-  run as a script); the other test files never see the variable. Shapes are small and the
-  tiles fixed, per the interpreter rules of reference/kernels.md section 3.
-- GPU tests (bit-exactness at GPU shapes, cuBLAS FP8, the module on CUDA); they skip
+  run as a script); the other test files never see the variable. Shapes are small, per the
+  interpreter rules of reference/kernels.md section 3. Inputs on a coarse grid (exact
+  float32 sums) must give the reference's bits; general inputs may differ at quantizer
+  ties only (``_tie_check``).
+- GPU tests (the mismatch bound at GPU shapes, cuBLAS FP8, the module on CUDA); they skip
   cleanly without CUDA.
 """
 
@@ -26,8 +30,8 @@ import torch
 
 from coqat.bitconfig import BitConfig, LayerBits
 from coqat.errors import CoqatError
+from coqat.kernels import linear_spec, lowbit_linear, use_kernels
 from coqat.kernels import reference as ref
-from coqat.kernels.linear import linear_spec, lowbit_linear
 from coqat.quant import (
     QuantLinear,
     dequantize,
@@ -35,6 +39,7 @@ from coqat.quant import (
     quantize_model,
     quantize_rows,
 )
+from coqat.quant.hadamard import hadamard_scale, sylvester_matrix
 
 HERE = Path(__file__).resolve()
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -164,17 +169,16 @@ def test_masked_rotate_ref_is_the_backward_of_rotate_then_mask():
     (8, 8, "quest", "half", False), (6, 5, "quest", "half", True), (4, 8, "rtn", "half", True),
 ])
 def test_kernel_path_matches_the_fake_quant_module(w, a, method, form, bias):
-    """lowbit_linear (reference backend) gives the module's output and gradients (x, W, b)
-    to float32 rounding: same codes, same STE masks, same back-rotation."""
+    """lowbit_linear (the custom ops' torch implementations) gives the module's output and
+    gradients (x, W, b) to float32 rounding: same codes, same STE masks, same back-rotation."""
     torch.manual_seed(0)
     lin = QuantLinear(256, 48, bias=bias, w_bits=w, a_bits=a, method=method, form=form,
                       hadamard_block=128 if method == "quest" else None)
-    lin.kernels = "reference"
     x = torch.randn(3, 5, 256, requires_grad=True)
     g = torch.randn(3, 5, 48)
     y_mod = lin(x)
     grads_mod = torch.autograd.grad(y_mod, [x, lin.weight] + ([lin.bias] if bias else []), g)
-    spec = linear_spec(w, a, lin.w_block, method, backend="reference")
+    spec = linear_spec(w, a, lin.w_block, method)
     y = lowbit_linear(x, lin.weight, lin.bias, spec)
     grads = torch.autograd.grad(y, [x, lin.weight] + ([lin.bias] if bias else []), g)
     torch.testing.assert_close(y, y_mod, rtol=1e-5, atol=1e-5)
@@ -182,15 +186,27 @@ def test_kernel_path_matches_the_fake_quant_module(w, a, method, form, bias):
         torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
 
 
-def test_fp32_rotation_differs_from_the_exact_one_on_wide_range_inputs():
-    """The rotation check under the interpreter (``rotation_*``) can fail: on these inputs a
-    float32 Hadamard gives other values than the exact float64 sums rounded once."""
-    for dtype in (torch.bfloat16, torch.float32):
-        x = _rows_with_range(16, 256, dtype, seed=3)
-        exact = hadamard_transform(x, 128)
-        h = ref.sylvester_matrix(128).float() * 128 ** -0.5
-        fp32 = (x.float().reshape(-1, 128) @ h).reshape(x.shape)
-        assert not torch.equal(exact, fp32)
+def _exact_sum_rotation(x: torch.Tensor, block: int) -> torch.Tensor:
+    """A second conforming rotation: the +-1 sums exactly rounded (float64, then float32),
+    times the float32 scale. It differs from the float32-accumulated reference in the last
+    bits of most float32 rotations."""
+    s = (x.double().reshape(-1, block) @ sylvester_matrix(block)).float()
+    return (s * torch.tensor(hadamard_scale(block))).reshape(x.shape)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_codes_of_two_conforming_rotations_differ_rarely_and_by_one_step(bits):
+    """The rotation contract (coqat.quant.hadamard, DESIGN.md section 4): float32
+    accumulation in any order moves a code only at a quantizer tie. Bound: <= 1e-5 of
+    codes (measured ~7e-7 at 4 bits, ~4e-6 at 8 bits), and never by more than one step."""
+    x = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(bits))
+    x = x * torch.rand(4096, 1, generator=torch.Generator().manual_seed(bits + 1)) * 3
+    a = hadamard_transform(x, 128)
+    b = _exact_sum_rotation(x, 128)
+    assert not torch.equal(a, b)
+    diff = (quantize_rows(a, bits).codes.int() - quantize_rows(b, bits).codes.int()).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff > 0).float().mean()) <= 1e-5
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,22 +214,40 @@ def test_fp32_rotation_differs_from_the_exact_one_on_wide_range_inputs():
 # ----------------------------------------------------------------------------------------
 def test_auto_on_cpu_keeps_the_reference_numerics():
     torch.manual_seed(0)
-    lin = QuantLinear(128, 32, w_bits=4, a_bits=4)
+    model = torch.nn.Sequential(QuantLinear(128, 32, w_bits=4, a_bits=4))
     x = torch.randn(6, 128)
-    lin.kernels = "reference"
-    expect = lin(x)
-    lin.kernels = "auto"
-    assert torch.equal(lin(x), expect)
+    expect = model(x)
+    use_kernels(model, "auto")
+    assert torch.equal(model(x), expect)
+
+
+def test_quant_never_imports_the_kernels():
+    """The package direction of issue #12: kernels may import quant, never the reverse."""
+    code = ("import sys, torch; import coqat.quant; from coqat.bitconfig import BitConfig, "
+            "LayerBits; m = coqat.quant.quantize_model(torch.nn.Sequential(torch.nn.Linear("
+            "128, 16)), BitConfig({'0': LayerBits(4, 4)})); m(torch.randn(2, 128)); "
+            "assert not [n for n in sys.modules if n.startswith('coqat.kernels')]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=HERE.parent.parent, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_reconfiguring_a_layer_detaches_the_kernels():
+    model = torch.nn.Sequential(QuantLinear(128, 32, w_bits=4, a_bits=4))
+    model[0].kernel_forward = lambda module, x: None   # what use_kernels attaches on a GPU
+    model[0].configure(8, 8)
+    assert model[0].kernel_forward is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_kernels_triton_without_gpu_is_a_one_line_error():
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    model = quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)),
+                           BitConfig({"0": LayerBits(4, 4)}))
     with pytest.raises(CoqatError) as err:
-        quantize_model(model, BitConfig({"0": LayerBits(4, 4)}), kernels="triton")
+        use_kernels(model, "triton")
     msg = str(err.value)
     assert "--kernels triton" in msg and "--kernels auto" in msg and "\n" not in msg
-    assert isinstance(model[0], torch.nn.Linear) and not isinstance(model[0], QuantLinear)
+    assert model[0].kernel_forward is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
@@ -227,100 +261,111 @@ def test_cli_kernels_triton_without_gpu_exits_2(runs):
 
 def test_unknown_kernels_value_is_rejected():
     with pytest.raises(CoqatError, match="auto, triton, reference"):
+        use_kernels(torch.nn.Sequential(torch.nn.Linear(8, 8)), "cuda")
+
+
+def test_quantize_model_no_longer_picks_a_backend():
+    with pytest.raises(CoqatError, match="use_kernels"):
         quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
-                       BitConfig({"0": LayerBits(4, 4)}), kernels="cuda")
+                       BitConfig({"0": LayerBits(4, 4)}), kernels="triton")
 
 
 # ----------------------------------------------------------------------------------------
 # Triton kernels under the CPU interpreter (one subprocess for all checks)
 # ----------------------------------------------------------------------------------------
+def _on_grid(x: torch.Tensor) -> torch.Tensor:
+    """Multiples of 2^-6 below 4 in magnitude: bf16-exact, and every +-1 sum of <= 128 of
+    them is exact in float32, so any rotation backend gives the reference's bits."""
+    return (torch.round(x.clamp(-3.9, 3.9) * 64) / 64 + 0.0).to(x.dtype)
+
+
+def _tie_check(got: ref.QuantizedRows, exp: ref.QuantizedRows, fmt) -> dict:
+    """General inputs: codes may differ by one step at quantizer ties, rarely (bound 1e-3 on
+    these few-thousand-element tiles); steps by the rotation's float32 summation error
+    (at most ~block * 2^-24 relative to the largest rotated value, RTN's absmax)."""
+    diff = (ref.integer_codes(got.codes, fmt).int() - ref.integer_codes(exp.codes, fmt).int()).abs()
+    rel = ((got.step - exp.step).abs() / exp.step.abs().clamp_min(1e-30)).max()
+    return {"one_step": int(diff.max()) <= 1, "rare": float((diff > 0).float().mean()) <= 1e-3,
+            "step": float(rel) <= 2.0 ** -16}
+
+
+def _exact_check(got: ref.QuantizedRows, exp: ref.QuantizedRows) -> dict:
+    return {"codes": _bits_equal(got.codes, exp.codes), "step": _bits_equal(got.step, exp.step),
+            "mask": torch.equal(got.mask_bits, exp.mask_bits),
+            "rowsum": (got.rowsum is None and exp.rowsum is None)
+            or torch.equal(got.rowsum, exp.rowsum)}
+
+
 def _interp_k1() -> dict:
     from coqat.kernels.triton_quant import QuantConfig, quantize_rows_triton
 
     out = {}
     cases = [
-        # name, rows, k, dtype, bits, method, block, config, kwargs
-        ("quest4_h128_bf16", 16, 256, torch.bfloat16, 4, "quest", 128, None, {}),
-        ("quest2_h128_fp16", 16, 256, torch.float16, 2, "quest", 128, None, {}),
-        ("quest3_h128_fp32", 16, 256, torch.float32, 3, "quest", 128, None, {}),
-        ("quest5_h128_int8odd", 16, 256, torch.float32, 5, "quest", 128, None, {}),
-        ("quest6_h64", 16, 256, torch.bfloat16, 6, "quest", 64, None, {}),
-        ("quest8_h128_int8_rowsum", 16, 256, torch.float32, 8, "quest", 128, None, {}),
-        ("quest4_h32_ragged_rows", 7, 96, torch.float32, 4, "quest", 32, None, {}),
-        ("quest4_h8", 5, 24, torch.float32, 4, "quest", 8, None, {}),
-        ("quest4_noH", 8, 64, torch.float32, 4, "quest", 1, None, {}),
-        ("rtn4_noH", 8, 64, torch.bfloat16, 4, "rtn", 1, None, {}),
-        ("rtn8_h128", 8, 256, torch.float32, 8, "rtn", 128, None, {}),
-        ("two_sweeps", 8, 384, torch.float32, 4, "quest", 128, QuantConfig(2, 128, 4), {}),
-        ("two_sweeps_int8", 8, 384, torch.float32, 8, "quest", 128, QuantConfig(4, 256, 4), {}),
-        ("padded_k640", 3, 640, torch.bfloat16, 4, "quest", 128, None, {}),
-        ("div_rn_instead_of_markstein", 16, 256, torch.float32, 4, "quest", 128, None,
-         {"markstein": False}),
-        ("conversion_instructions", 16, 256, torch.bfloat16, 4, "quest", 128, None,
-         {"int_cvt": False}),
-        ("four_threads_a_block", 8, 384, torch.bfloat16, 8, "quest", 128,
-         QuantConfig(2, 128, 4, elems=32), {}),
-        ("persistent_pipelined", 37, 256, torch.float32, 4, "quest", 128,
-         QuantConfig(4, 256, 4, 64, persist=2, stages=2), {}),
+        # name, rows, k, dtype, bits, method, block, config
+        ("quest4_h128_bf16", 16, 256, torch.bfloat16, 4, "quest", 128, None),
+        ("quest2_h128_fp16", 16, 256, torch.float16, 2, "quest", 128, None),
+        ("quest3_h128_fp32", 16, 256, torch.float32, 3, "quest", 128, None),
+        ("quest5_h128_int8odd", 16, 256, torch.float32, 5, "quest", 128, None),
+        ("quest6_h64", 16, 256, torch.bfloat16, 6, "quest", 64, None),
+        ("quest8_h128_int8_rowsum", 16, 256, torch.float32, 8, "quest", 128, None),
+        ("quest4_h32_ragged_rows", 7, 96, torch.float32, 4, "quest", 32, None),
+        ("quest4_h8_short_rows", 5, 24, torch.float32, 4, "quest", 8, None),
+        ("quest4_noH", 8, 64, torch.float32, 4, "quest", 1, None),
+        ("rtn4_noH", 8, 64, torch.bfloat16, 4, "rtn", 1, None),
+        ("rtn8_h128", 8, 256, torch.float32, 8, "rtn", 128, None),
+        ("padded_k640", 3, 640, torch.bfloat16, 4, "quest", 128, None),
+        ("two_sweeps", 4, 2304, torch.float32, 4, "quest", 128, QuantConfig(tile_elems=2048)),
+        ("two_sweeps_int8", 4, 2304, torch.bfloat16, 8, "quest", 128,
+         QuantConfig(tile_elems=2048)),
+        ("persistent_loop", 37, 640, torch.float32, 4, "quest", 128,
+         QuantConfig(tile_elems=2048, grid=2)),    # 2 programs loop over 19 blocks of 2 rows
     ]
-    for name, rows, k, dtype, bits, method, block, cfg, kw in cases:
-        x = _rows_with_range(rows, k, dtype, seed=len(out))
+    for i, (name, rows, k, dtype, bits, method, block, cfg) in enumerate(cases):
         fmt = ref.lowbit_format(bits, bits, method)
         q = ref.RowQuantizer(bits, fmt, method, block)
-        got = quantize_rows_triton(x, q, config=cfg, **kw)
-        exp = ref.quantize_ref(x, q)
-        out[f"k1_{name}"] = {
-            "codes": _bits_equal(got.codes, exp.codes), "step": _bits_equal(got.step, exp.step),
-            "mask": torch.equal(got.mask_bits, exp.mask_bits),
-            "rowsum": (got.rowsum is None and exp.rowsum is None)
-            or torch.equal(got.rowsum, exp.rowsum)}
+        x = _on_grid(_rows_with_range(rows, k, torch.float32, seed=i)).to(dtype)
+        out[f"k1_exact_{name}"] = _exact_check(quantize_rows_triton(x, q, config=cfg),
+                                               ref.quantize_ref(x, q))
+        x = _rows_with_range(rows, k, dtype, seed=100 + i)
+        out[f"k1_ties_{name}"] = _tie_check(quantize_rows_triton(x, q, config=cfg),
+                                            ref.quantize_ref(x, q), fmt)
     # The quantizer's RNE ties: rows built so that clipped/step + 1/2 lands on exact halves.
     x = torch.zeros(4, 128)
     x[:, 0] = 1.0
     x[:, 1:9] = torch.tensor([0.5, 1.5, -0.5, -2.5, 2.5, 3.5, -3.5, 0.25])
     fmt = ref.lowbit_format(4, 4, "quest")
     q = ref.RowQuantizer(4, fmt, "quest", 1)
-    got, exp = quantize_rows_triton(x, q), ref.quantize_ref(x, q)
-    out["k1_ties"] = {"codes": _bits_equal(got.codes, exp.codes),
-                      "step": _bits_equal(got.step, exp.step),
-                      "mask": torch.equal(got.mask_bits, exp.mask_bits), "rowsum": True}
+    out["k1_rne_ties"] = _exact_check(quantize_rows_triton(x, q), ref.quantize_ref(x, q))
     return out
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # only in the interpreter subprocess
-    import triton
-    import triton.language as tl
-
-    from coqat.kernels.triton_quant import _load_rotated, _tile_coords
-
-    @triton.jit
-    def _rotate_kernel(x_ptr, out_ptr, M, stride, K: tl.constexpr, BM: tl.constexpr,
-                       NG: tl.constexpr, G: tl.constexpr, Q: tl.constexpr, H: tl.constexpr,
-                       LOG_B: tl.constexpr, HSCALE: tl.constexpr):
-        """K1's rotation stage alone, its float32 result stored."""
-        row0 = tl.program_id(0) * BM
-        r = _load_rotated(x_ptr, row0, 0, M, stride, K, BM, NG, G, Q, H, 8, LOG_B, HSCALE, False)
-        row, _h, col = _tile_coords(row0, 0, BM, NG, G, Q, H, 8)
-        tl.store(out_ptr + row[None, :, None] * stride + col, r,
-                 mask=(row < M)[None, :, None] & (col < K))
-
-
 def _interp_rotation() -> dict:
-    """K1's rotation (exact float64 butterflies, one rounding) vs hadamard_transform."""
-    from coqat.kernels.triton_quant import _group, _next_pow2
-    from coqat.quant.hadamard import hadamard_scale
+    """The rotation on (interpreted) tensor cores vs hadamard_transform: bit-equal on grid
+    inputs, within float32 summation error on general ones; the masked backward likewise."""
+    from coqat.kernels.triton_rotate import hadamard_triton, masked_rotate_triton
 
     out = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        for block, k in ((128, 256), (64, 192), (32, 96)):
-            x = _rows_with_range(16, k, dtype, seed=3)
-            g, q, h = _group(block)
-            ng = _next_pow2(k // g)
-            got = torch.empty(16, k)
-            _rotate_kernel[(4,)](x, got, 16, k, K=k, BM=4, NG=ng, G=g, Q=q, H=h,
-                                LOG_B=block.bit_length() - 1, HSCALE=hadamard_scale(block))
-            name = f"rotation_b{block}_{str(dtype).split('.')[-1]}"
-            out[name] = {"values": _bits_equal(got, hadamard_transform(x, block))}
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        for block, k in ((128, 640), (64, 192), (32, 96), (8, 24)):
+            x = _rows_with_range(16, k, torch.float32, seed=3).clamp(-60000, 60000)
+            name = f"rotation_b{block}_k{k}_{str(dtype).split('.')[-1]}"
+            xg = _on_grid(x).to(dtype)
+            xw = x.to(dtype)
+            got, exp = hadamard_triton(xw, block), hadamard_transform(xw, block)
+            bound = 2 * block * 2.0 ** -24 * (hadamard_scale(block)
+                                              * xw.float().abs().reshape(-1, block).sum(-1))
+            err = (got - exp).abs().reshape(-1, block).amax(-1)
+            out[name] = {"grid_bits": _bits_equal(hadamard_triton(xg, block),
+                                                  hadamard_transform(xg, block)),
+                         "general_bound": bool((err <= bound).all())}
+    for m, k, block in ((16, 256, 128), (5, 640, 128), (7, 96, 32), (3, 40, 1)):
+        g = _on_grid(torch.randn(m, k))
+        bits = ref.pack_mask_bits(torch.rand(m, k) > 0.3)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = masked_rotate_triton(g.to(dtype), bits, block, torch.float32)
+            exp = ref.masked_rotate_ref(g.to(dtype), bits, block, torch.float32)
+            out[f"masked_rotate_{m}x{k}_b{block}_{str(dtype).split('.')[-1]}"] = {
+                "bits": _bits_equal(got, exp)}
     return out
 
 
@@ -347,7 +392,7 @@ def _interp_k2() -> dict:
 
 
 def _interp_k3() -> dict:
-    from coqat.kernels.triton_backward import dequantize_triton, masked_rotate_triton
+    from coqat.kernels.triton_backward import dequantize_triton
 
     out = {}
     for bits, method in ((4, "quest"), (8, "quest"), (6, "quest"), (4, "rtn")):
@@ -356,27 +401,6 @@ def _interp_k3() -> dict:
         out[f"k3_dequantize_{bits}_{method}"] = {
             "fp32": _bits_equal(dequantize_triton(q, fmt, method, torch.float32),
                                 ref.dequantize_ref(q, fmt, method, torch.float32))}
-    for m, k, block in ((16, 256, 128), (5, 640, 128), (7, 96, 32), (3, 40, 1)):
-        g = torch.randn(m, k)
-        bits = ref.pack_mask_bits(torch.rand(m, k) > 0.3)
-        got = masked_rotate_triton(g, bits, block, torch.float32)
-        exp = ref.masked_rotate_ref(g, bits, block, torch.float32)
-        out[f"k3_masked_rotate_{m}x{k}_b{block}"] = {
-            "close": bool(torch.allclose(got, exp, rtol=1e-5, atol=1e-5))}
-    # The whole autograd Function on the Triton backend (interpreted) vs the reference backend.
-    torch.manual_seed(0)
-    x = torch.randn(24, 256, requires_grad=True)
-    w = torch.randn(32, 256, requires_grad=True)
-    b = torch.randn(32, requires_grad=True)
-    g = torch.randn(24, 32)
-    res = {}
-    for backend in ("reference", "triton"):
-        y = lowbit_linear(x, w, b, linear_spec(4, 4, 128, backend=backend))
-        res[backend] = (y,) + torch.autograd.grad(y, (x, w, b), g)
-    out["k3_autograd_triton_vs_reference"] = {
-        name: bool(torch.allclose(t, r, rtol=1e-5, atol=1e-5))
-        for name, t, r in zip(("y", "dx", "dw", "db"), res["triton"], res["reference"])}
-    out["k3_autograd_forward_bits"] = {"y": _bits_equal(res["triton"][0], res["reference"][0])}
     return out
 
 
@@ -420,32 +444,33 @@ def _interpreter_checks() -> dict:
 def interp_results() -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(HERE), "--interpreter-checks"], env=env, check=False,
-                          capture_output=True, text=True, timeout=600, cwd=HERE.parent.parent)
+                          capture_output=True, text=True, timeout=900, cwd=HERE.parent.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+_K1_CASES = ("quest4_h128_bf16", "quest2_h128_fp16", "quest3_h128_fp32", "quest5_h128_int8odd",
+             "quest6_h64", "quest8_h128_int8_rowsum", "quest4_h32_ragged_rows",
+             "quest4_h8_short_rows", "quest4_noH", "rtn4_noH", "rtn8_h128", "padded_k640",
+             "two_sweeps", "two_sweeps_int8", "persistent_loop")
 INTERP_CHECKS = (
-    [f"rotation_b{b}_{d}" for b in (128, 64, 32) for d in ("bfloat16", "float32")]
-    + [f"k1_{n}" for n in ("quest4_h128_bf16", "quest2_h128_fp16", "quest3_h128_fp32",
-                         "quest5_h128_int8odd", "quest6_h64", "quest8_h128_int8_rowsum",
-                         "quest4_h32_ragged_rows", "quest4_h8", "quest4_noH", "rtn4_noH",
-                         "rtn8_h128", "two_sweeps", "two_sweeps_int8", "padded_k640",
-                         "div_rn_instead_of_markstein", "conversion_instructions",
-                         "four_threads_a_block", "persistent_pipelined", "ties")]
+    [f"rotation_b{b}_k{k}_{d}" for b, k in ((128, 640), (64, 192), (32, 96), (8, 24))
+     for d in ("bfloat16", "float32", "float16")]
+    + [f"masked_rotate_{s}_{d}" for s in ("16x256_b128", "5x640_b128", "7x96_b32", "3x40_b1")
+       for d in ("float32", "bfloat16")]
+    + [f"k1_{kind}_{n}" for n in _K1_CASES for kind in ("exact", "ties")] + ["k1_rne_ties"]
     + ["k2_w4a4_quest_fp8_64x96x256", "k2_w2a3_quest_fp8_40x50x128", "k2_w5a6_quest_int8_64x32x128",
        "k2_w8a8_quest_int8_48x40x96", "k2_w4a8_quest_int8_33x17x256", "k2_w4a4_rtn_fp8_64x64x96",
        "k2_w8a6_rtn_int8_32x64x128"]
     + [f"k3_dequantize_{b}" for b in ("4_quest", "8_quest", "6_quest", "4_rtn")]
-    + [f"k3_masked_rotate_{s}" for s in ("16x256_b128", "5x640_b128", "7x96_b32", "3x40_b1")]
-    + ["k3_autograd_triton_vs_reference", "k3_autograd_forward_bits"]
     + ["k4_5x37", "k4_3x4x64", "k4_1x1", "k4_17x130", "k4_worked_examples"]
 )
 
 
 @pytest.mark.parametrize("check", INTERP_CHECKS)
 def test_triton_kernel_matches_reference_under_interpreter(interp_results, check):
-    """K1 codes/steps/masks/row sums and K2 outputs bit for bit; K3 helpers; K4 bytes."""
+    """Rotation and K1 bit for bit on grid inputs and within the tie contract on general
+    ones; K2 outputs bit for bit; K3 helpers; K4 bytes."""
     assert check in interp_results, sorted(interp_results)
     failed = {k: v for k, v in interp_results[check].items() if not v}
     assert not failed, f"{check}: {failed}"
@@ -461,28 +486,40 @@ def test_every_interpreter_check_is_asserted(interp_results):
 @GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,method,block,dtype", [(4, "quest", 128, torch.bfloat16),
+                                                     (4, "quest", 128, torch.float32),
                                                      (8, "quest", 128, torch.float32),
                                                      (4, "rtn", 1, torch.bfloat16)])
-def test_k1_on_gpu_is_bit_exact(bits, method, block, dtype):
+def test_k1_on_gpu_meets_the_mismatch_bound(bits, method, block, dtype):
+    """Codes equal the reference's except at float32 rounding ties: <= 1e-5 of codes, each
+    by one step; masks may differ only where codes do or the step moved by float rounding."""
     from coqat.kernels.triton_quant import quantize_rows_triton
 
-    x = (torch.randn(2048, 4096, device="cuda") * torch.rand(2048, 1, device="cuda")).to(dtype)
+    g = torch.Generator("cuda").manual_seed(bits)
+    x = (torch.randn(4096, 4096, device="cuda", generator=g)
+         * torch.rand(4096, 1, device="cuda", generator=g)).to(dtype)
     fmt = ref.lowbit_format(bits, bits, method)
     q = ref.RowQuantizer(bits, fmt, method, block)
     got, exp = quantize_rows_triton(x, q), ref.quantize_ref(x, q)
-    assert _bits_equal(got.codes, exp.codes) and _bits_equal(got.step, exp.step)
-    assert torch.equal(got.mask_bits, exp.mask_bits)
+    diff = (ref.integer_codes(got.codes, fmt).int() - ref.integer_codes(exp.codes, fmt).int()).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff > 0).float().mean()) <= 1e-5
+    rel = ((got.step - exp.step).abs() / exp.step).max()
+    assert float(rel) <= 2.0 ** -21
+    on_grid = _on_grid(x.float().cpu()).to(dtype).cuda()
+    assert _exact_check(quantize_rows_triton(on_grid, q), ref.quantize_ref(on_grid, q)) == {
+        "codes": True, "step": True, "mask": True, "rowsum": True}
 
 
 @GPU
 @pytest.mark.gpu
 def test_module_on_gpu_kernels_matches_reference_path():
     torch.manual_seed(0)
-    lin = QuantLinear(512, 256, w_bits=4, a_bits=4).cuda()
+    model = torch.nn.Sequential(QuantLinear(512, 256, w_bits=4, a_bits=4)).cuda()
+    lin = model[0]
     x = torch.randn(4, 128, 512, device="cuda", requires_grad=True)
     outs = {}
     for path in ("reference", "triton"):
-        lin.kernels = path
+        use_kernels(model, path)
         x.grad = lin.weight.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = lin(x)

@@ -1,8 +1,14 @@
 """Tests for coqat.quant: the quantizer numerics, gradients, modules and quantize_model.
 
 The numerics are pinned against an independent numpy reference written here (float32 ops
-in the definition's order; the Hadamard as a dense float64 Sylvester matmul), compared on
-the float32 bit patterns.
+in the definition's order; the Hadamard as a dense Sylvester matmul), compared on the
+float32 bit patterns.
+
+Since issue #15 the rotation accumulates in float32 in an order the backend chooses, so it
+is bit-exact against numpy only where every partial sum is exact in float32. Tests that
+compare rotated values bit for bit therefore use inputs on a coarse grid (``on_grid``:
+a row's sums stay below 2^24 grid steps); general inputs are compared within the float32
+summation error (``rotation_error_bound``).
 """
 
 from __future__ import annotations
@@ -62,12 +68,31 @@ def np_sylvester(n: int) -> np.ndarray:
 
 
 def np_hadamard(x: np.ndarray, block: int) -> np.ndarray:
-    """Dense float64 ``x @ H`` per block, scaled by 2**(-log2(block)/2), cast once to float32."""
+    """The +-1 sums of each block (taken in float64, rounded once to float32), times the
+    float32 scale 2**(-log2(block)/2) in float32: the definition with exactly rounded sums."""
     x = np.asarray(x, dtype=np.float32)
     n = x.shape[-1]
     xb = x.astype(np.float64).reshape(-1, n // block, block)
-    y = (xb @ np_sylvester(block)) * 2.0 ** (-math.log2(block) / 2)
-    return y.astype(np.float32).reshape(x.shape)
+    sums = (xb @ np_sylvester(block)).astype(np.float32)
+    return (sums * np.float32(2.0 ** (-math.log2(block) / 2))).reshape(x.shape)
+
+
+def rotation_error_bound(x: np.ndarray, block: int) -> np.ndarray:
+    """How far a float32-accumulated rotation may lie from ``np_hadamard``: the classic bound
+    (block - 1) u sum|x| of a float32 sum, scaled, plus two roundings of the result."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[-1]
+    abs_sums = np.abs(x.reshape(-1, n // block, block)).sum(-1, keepdims=True)
+    scale = 2.0 ** (-math.log2(block) / 2)
+    u = 2.0 ** -24
+    y = np.abs(np_hadamard(x, block).astype(np.float64)).reshape(-1, n // block, block)
+    return (block * u * abs_sums * scale + 4 * u * y).reshape(x.shape)
+
+
+def on_grid(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``x`` rounded to multiples of 2^-bits: for |x| < 2^8 every +-1 sum of <= 128 such
+    values is exact in float32, so all rotation backends agree bit for bit."""
+    return torch.round(x * 2.0 ** bits) / 2.0 ** bits + 0.0   # + 0.0: no negative zeros
 
 
 def np_quest(x: np.ndarray, bits: int, trust: float | None = None):
@@ -133,8 +158,18 @@ def test_hadamard_block_for_picks_largest_dividing_power_of_two():
 
 @pytest.mark.parametrize("block", [1, 2, 4, 8, 16, 32, 64, 128])
 def test_hadamard_matches_dense_sylvester_bit_for_bit(block):
-    x = randn(5, 3, 256, seed=block) * 3
+    # grid inputs: exact float32 sums, so the summation order cannot show
+    x = on_grid(randn(5, 3, 256, seed=block) * 3)
     assert_bits_equal(hadamard_transform(x, block), np_hadamard(x.numpy(), block))
+
+
+@pytest.mark.parametrize("block", [8, 32, 128])
+def test_hadamard_of_general_inputs_is_within_float32_summation_error(block):
+    x = randn(64, 256, seed=block) * torch.exp2(randn(64, 256, seed=block + 1) * 4)
+    got = hadamard_transform(x, block).double().numpy()
+    expect = np_hadamard(x.numpy(), block).astype(np.float64)
+    assert np.all(np.abs(got - expect) <= rotation_error_bound(x.numpy(), block))
+    assert not np.array_equal(got, expect)  # these inputs do expose the summation order
 
 
 def test_hadamard_of_bf16_equals_hadamard_of_its_float32_value():
@@ -147,7 +182,8 @@ def test_hadamard_of_bf16_equals_hadamard_of_its_float32_value():
 def test_hadamard_is_orthonormal_and_its_own_inverse():
     x = randn(8, 384, seed=2)
     y = hadamard_transform(x, 128)
-    torch.testing.assert_close(hadamard_transform(y, 128), x, rtol=0, atol=1e-6)
+    # two float32-accumulated rotations (issue #15; exact sums rounded once before)
+    torch.testing.assert_close(hadamard_transform(y, 128), x, rtol=0, atol=4e-6)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-6, atol=0)
     h = hadamard_transform(torch.eye(16), 16).double()
     torch.testing.assert_close(h, h.T, rtol=0, atol=0)
@@ -237,7 +273,7 @@ def test_alpha_is_within_flat_optimum_for_every_bit_width(bits):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bits", BITS)
 def test_quest_matches_numpy_reference_bit_for_bit(bits, shape, rotate):
-    x = randn(*shape, seed=bits) * 2 + 0.3
+    x = on_grid(randn(*shape, seed=bits) * 2 + 0.3)   # exact rotation sums (module doc)
     block = hadamard_block_for(shape[-1]) if rotate else 1
     xr_np = np_hadamard(x.numpy(), block)
     xq, codes, step, mask = np_quest(xr_np, bits)
@@ -250,7 +286,9 @@ def test_quest_matches_numpy_reference_bit_for_bit(bits, shape, rotate):
     out = fake_quant(x, bits, "quest", hadamard_block=None if rotate else 0, form="half")
     assert_bits_equal(out, xq)
     full = fake_quant(x, bits, "quest", hadamard_block=None if rotate else 0, form="full")
-    assert_bits_equal(full, np_hadamard(xq, block))
+    # rotating the quantized values back sums off-grid values: float32 summation error
+    err = np.abs(full.double().numpy() - np_hadamard(xq, block).astype(np.float64))
+    assert np.all(err <= rotation_error_bound(xq, block))
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -265,7 +303,7 @@ def test_quest_custom_trust_matches_reference(bits):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bits", BITS)
 def test_rtn_matches_numpy_reference_bit_for_bit(bits, shape, rotate, clip_ratio):
-    x = randn(*shape, seed=20 + bits) * 1.5
+    x = on_grid(randn(*shape, seed=20 + bits) * 1.5)   # exact rotation sums (module doc)
     block = hadamard_block_for(shape[-1]) if rotate else 1
     xq, codes, scale, mask = np_rtn(np_hadamard(x.numpy(), block), bits, clip_ratio)
 
@@ -280,7 +318,7 @@ def test_rtn_matches_numpy_reference_bit_for_bit(bits, shape, rotate, clip_ratio
 
 
 def test_rtn_default_does_not_rotate_and_quest_default_does():
-    x = randn(4, 128, seed=30)
+    x = on_grid(randn(4, 128, seed=30))
     assert_bits_equal(fake_quant(x, 4, "rtn"), np_rtn(x.numpy(), 4)[0])
     assert_bits_equal(fake_quant(x, 4, "quest"), np_quest(np_hadamard(x.numpy(), 128), 4)[0])
     assert QuantSpec(4, "rtn").block_for(128) == 1
@@ -508,11 +546,17 @@ def test_quant_conv_quantizes_activations_per_pixel_over_channels():
 
 def test_quant_conv_weight_matches_numpy_reference():
     conv = nn.Conv2d(32, 6, (3, 2), bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(on_grid(conv.weight, 12))   # exact rotation sums (module doc)
     qc = QuantConv2d.from_float(conv, 3, 16)
     w = conv.weight.detach().numpy().transpose(0, 2, 3, 1)  # (Cout, kh, kw, Cin)
     wr = np_hadamard(w, 32)
+    assert_bits_equal(hadamard_transform(torch.from_numpy(w), 32), wr)
     wq = np_quest(wr.reshape(6, -1), 3)[0].reshape(wr.shape)
-    assert_bits_equal(qc.project_weight(), np_hadamard(wq, 32).transpose(0, 3, 1, 2))
+    # the back-rotation of the quantized values sums off-grid values: float32 summation error
+    err = np.abs(qc.project_weight().double().numpy().transpose(0, 2, 3, 1)
+                 - np_hadamard(wq, 32).astype(np.float64))
+    assert np.all(err <= rotation_error_bound(wq, 32))
 
 
 def test_grouped_conv_is_not_rotated():

@@ -34,7 +34,15 @@ from coqat.bitconfig import FLOAT_BITS, BitConfig, check_bits
 from coqat.errors import CoqatError
 from coqat.quant import quantize_model
 from coqat.quant.hadamard import hadamard_block_for, hadamard_transform
-from coqat.quant.quantizers import QuantSpec, _resolve_max_block, quantize_rows, ste_quantize
+from coqat.quant.quantizers import (
+    QuantSpec,
+    RowParams,
+    _resolve_max_block,
+    quantize_rows,
+    quantize_rows_with,
+    row_params,
+    ste_quantize,
+)
 
 #: a hard choice (index into the candidates) or a weight per candidate
 Mix = Union[int, torch.Tensor]
@@ -99,8 +107,52 @@ class _MixQuantFn(torch.autograd.Function):
         return grad_r, grad_y, None, None, None
 
 
+class _PickedQuantFn(torch.autograd.Function):
+    """``Q_b(r)`` for the candidate ``pick`` (a 0-dim index tensor) of a table of widths, with
+    the masked straight-through backward; a 16-bit candidate passes ``r`` through.
+
+    The compiled weight step's hard choice: the same values and masks as ``ste_quantize`` at
+    that width (``quantize_rows_with`` on the same constants), but the width is data, so
+    drawing another one does not recompile the step.
+    """
+
+    @staticmethod
+    def forward(ctx, r, pick, table, is_float, method, rows):
+        r32 = r.detach().to(torch.float32)
+        q_in = rows(r32) if rows is not None else r32
+        # index_select, not table[:, pick]: a tensor used as a Python index would be read
+        # back to the host (and make the compiled graph depend on its value)
+        params = torch.index_select(table, 1, pick.reshape(1)).reshape(-1)
+        res = quantize_rows_with(q_in, RowParams(*params.unbind(0)), method)
+        float_pick = torch.index_select(is_float, 0, pick.reshape(1)).reshape(())
+        values = torch.where(float_pick, r32, res.values.reshape(r.shape))
+        ctx.save_for_backward(res.mask.reshape(r.shape) | float_pick)
+        ctx.in_dtype = r.dtype
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad.masked_fill(~mask, 0.0).to(ctx.in_dtype), None, None, None, None, None
+
+
+def _candidate_table(choices: tuple[int, ...], device: torch.device):
+    """RowParams of each candidate stacked to [4, K] (a 16-bit one gets 8-bit placeholders,
+    never used), and which candidates are 16-bit."""
+    like = torch.empty((), device=device)
+    params = [row_params(b if b != FLOAT_BITS else 8, like) for b in choices]
+    table = torch.stack([torch.stack(list(p)) for p in params], dim=1)
+    return table, torch.tensor([b == FLOAT_BITS for b in choices], device=device)
+
+
 class _SearchLayer:
-    """What SearchLinear and SearchConv2d share (a mixin, like coqat.quant's _QuantLayer)."""
+    """What SearchLinear and SearchConv2d share (a mixin, like coqat.quant's _QuantLayer).
+
+    Under ``torch.compile`` a hard choice (int mixes, the search's weight steps) runs through
+    ``_PickedQuantFn`` on the index buffers ``w_pick`` / ``a_pick``: a compiled step traces
+    the choice as data and is not recompiled for every assignment drawn. Eagerly (and for
+    soft mixes) the forward is the one described in the module docstring.
+    """
 
     w_choices: tuple[int, ...]
     a_choices: tuple[int, ...]
@@ -120,12 +172,35 @@ class _SearchLayer:
         self.method = method
         self.block = self._rotation_block(_resolve_max_block(method, hadamard_block))
         self.w_mix = self.a_mix = None
+        self.hard = False
+        dev = self.weight.device
+        for kind, choices in (("w", self.w_choices), ("a", self.a_choices)):
+            table, is_float = _candidate_table(choices, dev)
+            self.register_buffer(f"{kind}_table", table, persistent=False)
+            self.register_buffer(f"{kind}_is_float", is_float, persistent=False)
+            self.register_buffer(f"{kind}_pick", torch.zeros((), dtype=torch.long, device=dev),
+                                 persistent=False)
 
     def _rotation_block(self, max_block: int) -> int:
         raise NotImplementedError
 
     def set_mix(self, w_mix: Mix, a_mix: Mix) -> None:
         self.w_mix, self.a_mix = w_mix, a_mix
+        self.hard = isinstance(w_mix, int) and isinstance(a_mix, int)
+        if self.hard:          # what a compiled forward reads (see the class docstring)
+            self.w_pick.fill_(w_mix)
+            self.a_pick.fill_(a_mix)
+
+    def _compiled_hard(self) -> bool:
+        return self.hard and torch.compiler.is_compiling()
+
+    def _picked(self, t: torch.Tensor, kind: str,
+                rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The operand at the hard choice held in the ``{kind}_pick`` buffer."""
+        r = _rotate(t, self.block)
+        q = _PickedQuantFn.apply(r, getattr(self, f"{kind}_pick"), getattr(self, f"{kind}_table"),
+                                 getattr(self, f"{kind}_is_float"), self.method, rows)
+        return q.to(t.dtype)
 
     def _mixes(self) -> tuple[Mix, Mix]:
         if self.w_mix is None or self.a_mix is None:
@@ -166,12 +241,13 @@ class SearchLinear(_SearchLayer, nn.Linear):
         return hadamard_block_for(self.in_features, max_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled_hard():
+            return F.linear(self._picked(x, "a"), self._picked(self.weight, "w"), self.bias)
         w_mix, a_mix = self._mixes()
         if self._is_float(w_mix, a_mix):
             return F.linear(x, self.weight, self.bias)
-        xq = self._operand(x, self.a_choices, a_mix)
-        wq = self._operand(self.weight, self.w_choices, w_mix)
-        return F.linear(xq, wq, self.bias)
+        return F.linear(self._operand(x, self.a_choices, a_mix),
+                        self._operand(self.weight, self.w_choices, w_mix), self.bias)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._search_repr()}"
@@ -197,12 +273,17 @@ class SearchConv2d(_SearchLayer, nn.Conv2d):
         return hadamard_block_for(self.in_channels, max_block) if self.groups == 1 else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_mix, a_mix = self._mixes()
-        if self._is_float(w_mix, a_mix):
-            return self._conv_forward(x, self.weight, self.bias)
-        xq = self._operand(x.movedim(-3, -1), self.a_choices, a_mix).movedim(-1, -3)
         w = self.weight.permute(0, 2, 3, 1)
-        wq = self._operand(w, self.w_choices, w_mix, rows=lambda r: r.reshape(r.shape[0], -1))
+        per_channel = lambda r: r.reshape(r.shape[0], -1)  # noqa: E731
+        if self._compiled_hard():
+            xq = self._picked(x.movedim(-3, -1), "a").movedim(-1, -3)
+            wq = self._picked(w, "w", rows=per_channel)
+        else:
+            w_mix, a_mix = self._mixes()
+            if self._is_float(w_mix, a_mix):
+                return self._conv_forward(x, self.weight, self.bias)
+            xq = self._operand(x.movedim(-3, -1), self.a_choices, a_mix).movedim(-1, -3)
+            wq = self._operand(w, self.w_choices, w_mix, rows=per_channel)
         return self._conv_forward(xq.contiguous(), wq.permute(0, 3, 1, 2).contiguous(),
                                   self.bias)
 

@@ -1,6 +1,6 @@
-"""K3: the quantized linear layer as one autograd Function on the low-bit kernels.
+"""K3: the quantized linear layer on the low-bit kernels, differentiable.
 
-Forward (``y = Q(x H) Q(W H)^T + b``, QuEST's half-Hadamard form):
+Forward (``y = Q(x H) Q(W H)^T + b``, QuEST's half-Hadamard form)::
 
     K1(x) -> codes, steps, packed masks        one pass over the activations
     K1(W) -> codes, steps, packed masks        the master weight, every step (it changes)
@@ -12,16 +12,15 @@ Backward v1 (BF16 GEMMs on the dequantized operands; ``M`` = trust masks, ``g = 
     dW = (M_w * (g^T @ Xq)) H      Xq = dequantized activation codes
     db = sum of g over the rows
 
-This is exactly the gradient of the fake-quant module (``coqat.quant.QuantLinear``): the
+This is the gradient of the fake-quant module (``coqat.quant.QuantLinear``): the
 straight-through estimator masked by the trust mask, rotated back by H. For the "full"
 form (quantized operands rotated back before the product) the product and both gradients
 are the same mathematical expressions, since H H^T = I; only float rounding differs.
 
-What autograd keeps for the backward: 1 byte per activation (the codes) plus 1 bit (the
-mask), instead of the fake-quant path's float activations and a byte-per-element mask.
-
-``backend="reference"`` runs the same algorithm with the torch reference (any device);
-``backend="triton"`` runs K1-K3 on the GPU.
+Every step is a custom op of ``coqat.kernels.ops``: Triton on CUDA tensors, the torch
+reference on any other device. K1 runs as its own op on the detached input, so that under
+``torch.compile`` layers that read the same tensor (q/k/v, gate/up) share one quantization.
+Autograd keeps 1 byte per activation (the codes) plus 1 bit (the mask) for the backward.
 """
 
 from __future__ import annotations
@@ -32,12 +31,11 @@ import torch
 
 from coqat.bitconfig import FLOAT_BITS
 from coqat.errors import CoqatError
+from coqat.kernels import ops
 from coqat.kernels import reference as ref
-from coqat.kernels.reference import LowbitFormat, QuantizedRows, RowQuantizer
+from coqat.kernels.reference import LowbitFormat, RowQuantizer
 
 __all__ = ["LinearSpec", "linear_spec", "lowbit_linear"]
-
-BACKENDS = ("triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,6 @@ class LinearSpec:
     weight: RowQuantizer
     act: RowQuantizer
     fmt: LowbitFormat
-    backend: str = "triton"
     fast_accum: bool = False
 
     @property
@@ -61,15 +58,13 @@ class LinearSpec:
 
 def linear_spec(w_bits: int, a_bits: int, block: int, method: str = "quest",
                 trust: float | None = None, clip_ratio: float = 1.0,
-                backend: str = "triton", fast_accum: bool = False) -> LinearSpec:
+                fast_accum: bool = False) -> LinearSpec:
     """A LinearSpec for weights and inputs quantized to ``w_bits`` / ``a_bits``.
 
     ``block`` is the Hadamard block applied to both operands along the reduction dim (1 = no
     rotation); ``fast_accum`` lets FP8 GEMMs accumulate inside the tensor cores (faster,
     not exact).
     """
-    if backend not in BACKENDS:
-        raise CoqatError(f"kernel backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if FLOAT_BITS in (w_bits, a_bits):
         raise CoqatError(f"the low-bit linear needs weight and input quantized, got "
                          f"w{w_bits}a{a_bits}; run such a layer on the reference path "
@@ -77,40 +72,7 @@ def linear_spec(w_bits: int, a_bits: int, block: int, method: str = "quest",
     fmt = ref.lowbit_format(w_bits, a_bits, method)
     return LinearSpec(RowQuantizer(w_bits, fmt, method, block, trust, clip_ratio),
                       RowQuantizer(a_bits, fmt, method, block, trust, clip_ratio),
-                      fmt, backend, fast_accum)
-
-
-def _quantize(t: torch.Tensor, q: RowQuantizer, backend: str) -> QuantizedRows:
-    if backend == "triton":
-        from coqat.kernels.triton_quant import quantize_rows_triton
-        return quantize_rows_triton(t, q)
-    return ref.quantize_ref(t, q)
-
-
-def _matmul(a: QuantizedRows, w: QuantizedRows, spec: LinearSpec, bias: torch.Tensor | None,
-            out_dtype: torch.dtype) -> torch.Tensor:
-    if spec.backend == "triton":
-        from coqat.kernels import gemm
-        if gemm.scaled_mm_ok(a, w, spec.fmt, out_dtype):
-            return gemm.lowbit_matmul_scaled_mm(a, w, spec.fmt, bias, spec.fast_accum)
-        return gemm.lowbit_matmul_triton(a, w, spec.fmt, bias, out_dtype,
-                                         fast_accum=spec.fast_accum)
-    return ref.lowbit_matmul_ref(a, w, spec.fmt, bias, out_dtype)
-
-
-def _dequantize(q: QuantizedRows, spec: LinearSpec, dtype: torch.dtype) -> torch.Tensor:
-    if spec.backend == "triton":
-        from coqat.kernels.triton_backward import dequantize_triton
-        return dequantize_triton(q, spec.fmt, spec.method, dtype)
-    return ref.dequantize_ref(q, spec.fmt, spec.method, dtype)
-
-
-def _masked_rotate(g: torch.Tensor, mask_bits: torch.Tensor, spec: LinearSpec,
-                   dtype: torch.dtype) -> torch.Tensor:
-    if spec.backend == "triton":
-        from coqat.kernels.triton_backward import masked_rotate_triton
-        return masked_rotate_triton(g.contiguous(), mask_bits, spec.block, dtype)
-    return ref.masked_rotate_ref(g, mask_bits, spec.block, dtype)
+                      fmt, fast_accum)
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -121,44 +83,6 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _LowbitLinearFn(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, spec: LinearSpec):
-        k = weight.shape[1]
-        x2 = x.reshape(-1, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        out_dtype = _output_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            qa = _quantize(x2.detach(), spec.act, spec.backend)
-            qw = _quantize(weight.detach(), spec.weight, spec.backend)
-            y = _matmul(qa, qw, spec, None if bias is None else bias.detach(), out_dtype)
-        ctx.spec = spec
-        ctx.shapes = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.out_dtype = out_dtype
-        ctx.save_for_backward(qa.codes, qa.step, qa.mask_bits, qw.codes, qw.step, qw.mask_bits)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy):
-        a_codes, a_step, a_mask, w_codes, w_step, w_mask = ctx.saved_tensors
-        spec: LinearSpec = ctx.spec
-        x_shape, x_dtype, w_dtype, b_dtype = ctx.shapes
-        n = w_codes.shape[0]
-        g = dy.reshape(-1, n).to(ctx.out_dtype)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            wq = _dequantize(QuantizedRows(w_codes, w_step, None, None), spec, g.dtype)
-            dx = _masked_rotate(g @ wq, a_mask, spec, x_dtype).reshape(x_shape)
-        if ctx.needs_input_grad[1]:
-            xq = _dequantize(QuantizedRows(a_codes, a_step, None, None), spec, g.dtype)
-            dw = _masked_rotate(g.t() @ xq, w_mask, spec, w_dtype)
-        if ctx.needs_input_grad[2]:
-            db = g.sum(0, dtype=torch.float32).to(b_dtype)
-        return dx, dw, db, None
-
-
 def lowbit_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   spec: LinearSpec) -> torch.Tensor:
     """``F.linear`` on quantized operands, through the kernels (differentiable).
@@ -167,10 +91,14 @@ def lowbit_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     quantized on every call. Inside autocast the output has the autocast dtype (like
     ``F.linear``), otherwise x's dtype. Gradients flow to x, weight and bias.
     """
-    if x.shape[-1] != weight.shape[1]:
-        raise CoqatError(f"lowbit_linear: input has {x.shape[-1]} features, the weight "
-                         f"{weight.shape[1]}")
-    if weight.shape[1] % spec.block:
-        raise CoqatError(f"Hadamard block {spec.block} does not divide in_features "
-                         f"{weight.shape[1]}")
-    return _LowbitLinearFn.apply(x, weight, bias, spec)
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise CoqatError(f"lowbit_linear: input has {x.shape[-1]} features, the weight {k}")
+    if k % spec.block:
+        raise CoqatError(f"Hadamard block {spec.block} does not divide in_features {k}")
+    x2 = x.reshape(-1, k)
+    qa = ops.quantize(x2.detach(), spec.act)
+    qw = ops.quantize(weight.detach(), spec.weight)
+    y = ops.lowbit_linear_forward(x2, weight, bias, qa, qw, spec.fmt, spec.method, spec.block,
+                                  spec.fast_accum, _output_dtype(x))
+    return y.reshape(*x.shape[:-1], n)

@@ -1,8 +1,9 @@
 """Torch reference of the low-bit kernels: the same integer semantics, on any device.
 
-This module is the oracle the Triton kernels are tested against bit for bit, and the
-implementation of the kernel path where Triton cannot run (CPU). It does not define any
-numerics of its own: the rotation is ``coqat.quant.hadamard_transform`` and the codes,
+This module is the oracle the Triton kernels are tested against, and the implementation of
+the kernel path where Triton cannot run (CPU). Codes agree except where the float32 rotation
+rounds differently at a quantizer tie (``coqat.quant.hadamard``); the GEMM is bit-exact.
+It does not define any numerics of its own: the rotation is ``coqat.quant.hadamard_transform`` and the codes,
 steps and gradient masks are ``coqat.quant.quantize_rows``. What it adds is how those
 integers are *stored and multiplied* on tensor cores.
 
@@ -44,7 +45,7 @@ import torch
 
 from coqat.bitconfig import FLOAT_BITS, check_bits
 from coqat.errors import CoqatError
-from coqat.quant.hadamard import hadamard_scale, hadamard_transform, sylvester_matrix
+from coqat.quant.hadamard import hadamard_reference, hadamard_transform
 from coqat.quant.quantizers import QuantSpec, quantize_rows
 
 __all__ = [
@@ -242,15 +243,14 @@ def dequantize_ref(q: QuantizedRows, fmt: LowbitFormat, method: str = "quest",
 
 def masked_rotate_ref(g: torch.Tensor, mask_bits: torch.Tensor | None, block: int,
                       out_dtype: torch.dtype) -> torch.Tensor:
-    """The backward of "rotate, then quantize": ``(M * g) H`` in float32, cast to ``out_dtype``.
+    """The backward of "rotate, then quantize": ``(M * g) H``, cast to ``out_dtype``.
 
-    The float32 rotation is the one ``hadamard_transform``'s backward uses.
+    The rotation is the one ``hadamard_transform`` (and its backward) computes.
     """
     k = g.shape[1]
     gm = g.to(torch.float32)
     if mask_bits is not None:
         gm = gm.masked_fill(~unpack_mask_bits(mask_bits, k), 0.0)
     if block > 1:
-        h = sylvester_matrix(block, str(g.device)).to(torch.float32) * hadamard_scale(block)
-        gm = (gm.reshape(-1, block) @ h).reshape(g.shape)
+        gm = hadamard_reference(gm, block)
     return gm.to(out_dtype)

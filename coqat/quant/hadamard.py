@@ -5,18 +5,29 @@ the values look Gaussian and an RMS-based clip (``ALPHA[b] * rms``) fits them we
 orthonormal, so rotating both operands of a matmul along the reduction dim leaves the
 product unchanged: ``(xH)(wH)^T = x H H^T w^T = x w^T``.
 
-Numerics (the reference that GPU kernels are tested against bit for bit):
+Numerics (the definition every backend implements; changed by issue #15 so that the
+rotation can run on tensor cores):
 
-- H is the Sylvester-ordered Hadamard matrix of size ``block`` (``H_1 = [1]``,
+- H is the Sylvester-ordered +-1 Hadamard matrix of size ``block`` (``H_1 = [1]``,
   ``H_2n = [[H_n, H_n], [H_n, -H_n]]``), applied independently to every contiguous block
   of ``block`` elements along the last dim. It is symmetric and, once scaled, ``H H = I``.
-- The unnormalized +-1 sums run in float64. For float32/bfloat16 inputs the sums
-  are exact (a float32 has 24 significant bits; a sum of <= 2**7 of them fits float64's
-  53 unless the row's magnitudes span ~2**20), so the summation order does not matter and
-  any backend (a dense matmul, a butterfly, a tensor-core kernel with exact accumulation)
-  reproduces the same float64 value.
-- That value is multiplied by the float64 constant ``2 ** (-log2(block) / 2)`` and
-  rounded ONCE to float32. The result is always float32.
+- Each output is ``fl32(S * s)``: ``S`` is the +-1 sum of the block's values (taken as
+  float32), accumulated in float32, and ``s = fl32(2 ** (-log2(block) / 2))`` is the
+  normalization, applied afterwards as one float32 multiply. The result is float32.
+- The products with +-1 are exact; only the float32 additions round, and the order and
+  grouping of those additions is the backend's (a BLAS matmul here, a tensor-core dot with
+  float32 accumulation in ``coqat.kernels``). Where every partial sum is exact in float32 -
+  bf16 inputs whose magnitudes within a block span less than ~2^9, small integers - all
+  backends give the same bits. Elsewhere they can differ in the last bits of ``S``, and a
+  quantization code computed from the rotated value can then differ by one step, only where
+  that value sits at a rounding tie of the quantizer. ``tests/test_kernels.py`` bounds how
+  often that happens (DESIGN.md section 4). Until issue #15 the sums ran in float64 and were
+  rounded once, bit-exact across backends but too slow for the point of the kernels.
+
+The rotation is the custom op ``coqat::hadamard`` so that ``torch.compile`` keeps it as one
+node (no graph break, one fused kernel on the GPU). This module gives it the torch
+implementation, used on every device; ``coqat.kernels`` registers a Triton implementation
+for CUDA tensors.
 
 Only torch is imported here: ``coqat.bitconfig`` imports ``hadamard_block_for`` and must
 stay free of training dependencies.
@@ -31,11 +42,15 @@ import torch
 from coqat.bitconfig import hadamard_block_for
 from coqat.errors import CoqatError
 
-__all__ = ["hadamard_transform", "hadamard_block_for", "hadamard_scale", "sylvester_matrix"]
+__all__ = ["hadamard_transform", "hadamard_block_for", "hadamard_scale", "sylvester_matrix",
+           "hadamard_reference"]
 
 
 def hadamard_scale(block: int) -> float:
-    """The float64 normalization ``2 ** (-log2(block) / 2)`` = 1/sqrt(block)."""
+    """The float64 normalization ``2 ** (-log2(block) / 2)`` = 1/sqrt(block).
+
+    The rotation multiplies by this value rounded to float32 (exact for even log2(block)).
+    """
     return 2.0 ** (-(int(block).bit_length() - 1) / 2)
 
 
@@ -50,53 +65,52 @@ def _check_block(n: int, block: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def sylvester_matrix(block: int, device: str = "cpu") -> torch.Tensor:
-    """The unnormalized +-1 Sylvester Hadamard matrix of size ``block``, float64.
-
-    Cached per (block, device): it is a constant, built once, never mutated.
-    """
-    h = torch.ones(1, 1, dtype=torch.float64)
+def _pm1_matrix(block: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The +-1 Sylvester matrix in ``dtype`` on ``device``; a constant, built once."""
+    h = torch.ones(1, 1, dtype=dtype)
     while h.shape[0] < block:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h.to(device)
 
 
-def _hadamard_forward(x: torch.Tensor, block: int) -> torch.Tensor:
-    """The numerics definition: exact +-1 sums in float64, one scale, one rounding to float32.
+def sylvester_matrix(block: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The unnormalized +-1 Sylvester Hadamard matrix of size ``block``, float64.
 
-    The sums are computed as a float64 matmul with the +-1 matrix (a BLAS/tensor-core
-    product is much faster than log2(block) butterfly passes); because every partial sum is
-    exact, the order the backend sums in cannot change the result.
+    Cached per (block, device): it is a constant, never mutate it.
     """
-    y = x.to(torch.float64)
-    if block > 1:
-        shape = y.shape
-        h = sylvester_matrix(block, str(y.device))
-        y = (y.reshape(-1, block) @ h).reshape(shape) * hadamard_scale(block)
-    return y.to(torch.float32)
+    return _pm1_matrix(int(block), torch.device(device), torch.float64)
 
 
-def _rotate_f32(g: torch.Tensor, block: int) -> torch.Tensor:
-    if block == 1:
-        return g.to(torch.float32)
-    h = sylvester_matrix(block, str(g.device)).to(torch.float32) * hadamard_scale(block)
-    return (g.to(torch.float32).reshape(-1, block) @ h).reshape(g.shape)
+def hadamard_reference(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The torch implementation of the definition: float32 matmul with the +-1 matrix, then
+    one float32 multiply by the normalization. ``block`` must divide ``x.shape[-1]``."""
+    h = _pm1_matrix(int(block), x.device, torch.float32)
+    y = (x.to(torch.float32).reshape(-1, block) @ h).reshape(x.shape)
+    return y.mul_(torch.full((), hadamard_scale(block), dtype=torch.float32, device=x.device))
 
 
-class _HadamardFn(torch.autograd.Function):
-    """y = x H (blockwise). H is symmetric and orthonormal, so the VJP is g H as well."""
+@torch.library.custom_op("coqat::hadamard", mutates_args=())
+def _hadamard_op(x: torch.Tensor, block: int) -> torch.Tensor:
+    return hadamard_reference(x, block)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, block: int) -> torch.Tensor:
-        ctx.block = block
-        ctx.in_dtype = x.dtype
-        return _hadamard_forward(x, block)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # Gradients are not part of the bit-exact contract (only forward values are), so
-        # the backward rotation runs in float32: half the cost of the float64 forward.
-        return _rotate_f32(grad, ctx.block).to(ctx.in_dtype), None
+@_hadamard_op.register_fake
+def _hadamard_fake(x: torch.Tensor, block: int) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def _hadamard_setup(ctx, inputs, output) -> None:
+    x, block = inputs
+    ctx.block, ctx.in_dtype = block, x.dtype
+
+
+def _hadamard_backward(ctx, grad: torch.Tensor):
+    # y = (x H) s with H symmetric, so the VJP is (g H) s: the same rotation. Gradients are
+    # not part of the numerics contract; they come back in the input's dtype.
+    return _hadamard_op(grad.contiguous(), ctx.block).to(ctx.in_dtype), None
+
+
+_hadamard_op.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
 
 
 def hadamard_transform(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -105,11 +119,13 @@ def hadamard_transform(x: torch.Tensor, block: int) -> torch.Tensor:
     ``block`` must be a power of two dividing ``x.shape[-1]``; block 1 is the identity (still
     returned as float32). The output is float32; the gradient is rotated by the same
     transform (H^T = H) and returned in ``x``'s dtype. See the module docstring for the
-    exact numerics.
+    numerics.
     """
     if not torch.is_floating_point(x):
         raise CoqatError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
     if x.dim() == 0:
         raise CoqatError("hadamard_transform needs a tensor with at least one dim")
     block = _check_block(x.shape[-1], block)
-    return _HadamardFn.apply(x, block)
+    if block == 1:
+        return x.to(torch.float32)
+    return _hadamard_op(x.contiguous(), block)

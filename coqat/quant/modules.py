@@ -76,6 +76,8 @@ class _QuantLayer:
         self.w_bits, self.a_bits, self.method, self.form = w_bits, a_bits, method, form
         self.hadamard_block = _resolve_max_block(method, hadamard_block)
         self.trust, self.clip_ratio = trust, clip_ratio
+        # A backend attached to the old configuration would compute the wrong layer.
+        self.__dict__.pop("kernel_forward", None)
         block = self._rotation_block(self.hadamard_block)
         if form == "half":
             self.w_block = self.a_block = block if self.is_quantized else 1
@@ -153,7 +155,14 @@ class QuantLinear(_QuantLayer, nn.Linear):
     """nn.Linear with fake-quantized weight (per output row) and input (per token).
 
     Rotation along K = in_features with block ``hadamard_block_for(in_features, max)``.
+
+    ``kernel_forward`` is the hook a faster backend plugs into: a function
+    ``(module, x) -> output or None`` that ``coqat.kernels.use_kernels`` sets; None (the
+    default, and after every ``configure``) or a None result runs the fake-quant forward
+    below, the numerics definition. This package never imports the kernels.
     """
+
+    kernel_forward: Callable[["QuantLinear", torch.Tensor], torch.Tensor | None] | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device=None, dtype=None, *, w_bits: int = FLOAT_BITS, a_bits: int = FLOAT_BITS,
@@ -198,10 +207,8 @@ class QuantLinear(_QuantLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_quantized:
             return F.linear(x, self.weight, self.bias)
-        if getattr(self, "kernels", "auto") != "reference":
-            from coqat.kernels.dispatch import kernel_forward  # Triton path: CUDA only
-
-            y = kernel_forward(self, x)
+        if self.kernel_forward is not None:
+            y = self.kernel_forward(self, x)
             if y is not None:
                 return y
         unrotate = self.form == "full"
@@ -303,7 +310,7 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
 def quantize_model(model: nn.Module, bitconfig: BitConfig, method: str | None = None,
                    hadamard_block: int | None = None, form: str = "half",
                    trust: float | None = None, clip_ratio: float = 1.0,
-                   kernels: str = "auto") -> nn.Module:
+                   kernels: str | None = None) -> nn.Module:
     """Swap the layers named in ``bitconfig`` for their quantized versions, in place.
 
     Each FQN with non-float bits must name an ``nn.Linear`` or ``nn.Conv2d``; it becomes a
@@ -314,13 +321,15 @@ def quantize_model(model: nn.Module, bitconfig: BitConfig, method: str | None = 
     so on error the model is untouched. Returns the model (a new root only if ``""``, the
     root itself, is a listed Linear/Conv2d).
 
-    ``kernels`` picks the matmul backend of the quantized layers (see ``coqat.kernels``):
-    "auto", "triton" or "reference"; it is recorded on each module as ``.kernels``.
+    The quantized layers run the fake-quant forward of this package (the numerics
+    definition); ``coqat.kernels.use_kernels(model, ...)`` moves them onto the kernels.
+    ``kernels`` is accepted for callers written before that split, only as None or
+    "reference" (what this function always gives).
     """
     _check_form(form)
-    from coqat.kernels.dispatch import check_kernels  # "triton" without a GPU: CoqatError
-
-    check_kernels(kernels)
+    if kernels not in (None, "reference"):
+        raise CoqatError("quantize_model no longer picks the matmul backend; call "
+                         "coqat.kernels.use_kernels(model, kernels) after it")
     plan = []
     for fqn, lb in bitconfig.layers.items():
         try:
@@ -341,7 +350,6 @@ def quantize_model(model: nn.Module, bitconfig: BitConfig, method: str | None = 
     for fqn, mod, lb, m in plan:
         cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
         new = cls.from_float(mod, lb.w_bits, lb.a_bits, m, hadamard_block, form, trust, clip_ratio)
-        new.kernels = kernels
         if new is not mod:
             model = _replace(model, fqn, new)
     return model

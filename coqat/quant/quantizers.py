@@ -41,8 +41,9 @@ from coqat.errors import CoqatError
 from coqat.quant.hadamard import hadamard_block_for, hadamard_transform
 
 __all__ = [
-    "ALPHA", "METHODS", "FORMS", "QuantResult", "QuantSpec",
-    "default_trust", "quantize_rows", "dequantize", "ste_quantize", "fake_quant", "project",
+    "ALPHA", "METHODS", "FORMS", "QuantResult", "QuantSpec", "RowParams",
+    "default_trust", "row_params", "quantize_rows", "quantize_rows_with", "dequantize",
+    "ste_quantize", "fake_quant", "project",
 ]
 
 METHODS: tuple[str, ...] = ("quest", "rtn")
@@ -135,31 +136,63 @@ def _f32(value: float, like: torch.Tensor, dtype: torch.dtype = torch.float32) -
     return torch.full((), value, dtype=dtype, device=like.device)
 
 
-def _quest_rows(x: torch.Tensor, bits: int, trust: float | None) -> QuantResult:
+class RowParams(NamedTuple):
+    """A width's constants as 0-dim float32 tensors on the data's device: QuEST's ALPHA[b],
+    its level count 2^b - 1 and trust radius (RMS units); RTN's largest code 2^(b-1) - 1.
+
+    As tensors they can also be picked from a table at run time (``torch.stack`` the params
+    of several widths and index them): the search's hard choice is then data, not code, so
+    a compiled step need not be recompiled for every width it draws.
+    """
+
+    alpha: torch.Tensor
+    levels: torch.Tensor
+    trust: torch.Tensor
+    qmax: torch.Tensor
+
+
+def row_params(bits: int, like: torch.Tensor, trust: float | None = None) -> RowParams:
+    """The ``RowParams`` of ``bits`` on ``like``'s device (QuEST and RTN fields both)."""
+    _check_quant_bits(bits)
+    return RowParams(_f32(ALPHA[bits], like), _f32(2 ** bits - 1, like),
+                     _f32(default_trust(bits) if trust is None else trust, like),
+                     _f32(2 ** (bits - 1) - 1, like))
+
+
+def _quest_rows(x: torch.Tensor, p: RowParams) -> QuantResult:
     n = x.shape[-1]
     sumsq = torch.sum(x.to(torch.float64) ** 2, dim=-1, keepdim=True)
     rms = torch.sqrt(sumsq / _f32(n, x, torch.float64)).to(torch.float32)
-    scale = rms * _f32(ALPHA[bits], x)
+    scale = rms * p.alpha
     scale = scale + _f32(_QUEST_EPS, x)
-    step = (scale * _f32(2.0, x)) / _f32(2 ** bits - 1, x)
+    step = (scale * _f32(2.0, x)) / p.levels
     clipped = torch.clamp(x, min=-scale, max=scale)
     k = torch.round(clipped / step + _f32(0.5, x))
     values = k * step - step / _f32(2.0, x)
     codes = (k - _f32(1.0, x)).to(torch.int8)
-    radius = _f32(default_trust(bits) if trust is None else trust, x) * rms
-    mask = (values - x).abs() <= radius
+    mask = (values - x).abs() <= p.trust * rms
     return QuantResult(values, codes, step, mask)
 
 
-def _rtn_rows(x: torch.Tensor, bits: int, clip_ratio: float) -> QuantResult:
-    qmax = 2 ** (bits - 1) - 1
+def _rtn_rows(x: torch.Tensor, p: RowParams, clip_ratio: float) -> QuantResult:
     absmax = x.abs().amax(dim=-1, keepdim=True)
     clip = _f32(clip_ratio, x) * absmax
-    scale = clip / _f32(qmax, x) + _f32(_RTN_EPS, x)
-    c = torch.clamp(torch.round(x / scale), min=-qmax, max=qmax)
+    scale = clip / p.qmax + _f32(_RTN_EPS, x)
+    c = torch.clamp(torch.round(x / scale), min=-p.qmax, max=p.qmax)
     values = c * scale
     mask = x.abs() <= clip
     return QuantResult(values, c.to(torch.int8), scale, mask)
+
+
+def quantize_rows_with(x: torch.Tensor, params: RowParams, method: str = "quest",
+                       clip_ratio: float = 1.0) -> QuantResult:
+    """``quantize_rows`` with the width given as ``RowParams`` (no checks, no gradient):
+    the same operations, so equal params give equal bits."""
+    with torch.no_grad():
+        x = x.detach().to(torch.float32)
+        if method == "quest":
+            return _quest_rows(x, params)
+        return _rtn_rows(x, params, clip_ratio)
 
 
 def quantize_rows(x: torch.Tensor, bits: int, method: str = "quest",
@@ -177,11 +210,7 @@ def quantize_rows(x: torch.Tensor, bits: int, method: str = "quest",
     _check_extras(method, trust, clip_ratio)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise CoqatError(f"quantize_rows needs rows of at least one element, got shape {tuple(x.shape)}")
-    with torch.no_grad():
-        x = x.detach().to(torch.float32)
-        if method == "quest":
-            return _quest_rows(x, bits, trust)
-        return _rtn_rows(x, bits, clip_ratio)
+    return quantize_rows_with(x, row_params(bits, x, trust), method, clip_ratio)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, method: str = "quest") -> torch.Tensor:
