@@ -15,14 +15,21 @@ rotation can run on tensor cores):
   float32), accumulated in float32, and ``s = fl32(2 ** (-log2(block) / 2))`` is the
   normalization, applied afterwards as one float32 multiply. The result is float32.
 - The products with +-1 are exact; only the float32 additions round, and the order and
-  grouping of those additions is the backend's (a BLAS matmul here, a tensor-core dot with
-  float32 accumulation in ``coqat.kernels``). Where every partial sum is exact in float32 -
-  bf16 inputs whose magnitudes within a block span less than ~2^9, small integers - all
+  grouping of those additions is the backend's (a tensor-core dot with float32
+  accumulation in ``coqat.kernels``). Where every partial sum is exact in float32 - bf16
+  inputs whose magnitudes within a block span less than ~2^9, small integers - all
   backends give the same bits. Elsewhere they can differ in the last bits of ``S``, and a
   quantization code computed from the rotated value can then differ by one step, only where
   that value sits at a rounding tie of the quantizer. ``tests/test_kernels.py`` bounds how
-  often that happens (DESIGN.md section 4). Until issue #15 the sums ran in float64 and were
-  rounded once, bit-exact across backends but too slow for the point of the kernels.
+  often that happens (DESIGN.md section 4).
+- The torch implementation here (the CPU path, and the oracle of the tests) takes ``S``
+  exactly rounded: the sums in float64 (exact for float32 inputs unless a block's
+  magnitudes span more than ~2^22), rounded once to float32. That is one conforming order
+  of additions with a property no float32 BLAS has: the bits do not depend on the CPU,
+  the BLAS build or the thread count, so a run resumes bit-exactly on another machine and
+  the ONNX export (which computes the same exactly rounded sums in the graph) reproduces
+  coqat's codes. It costs about 5% of a CPU training step against a float32 matmul
+  (reports/kernels.md, "CPU"); the GPU kernels keep float32 accumulation.
 
 The rotation is the custom op ``coqat::hadamard`` so that ``torch.compile`` keeps it as one
 node (no graph break, one fused kernel on the GPU). This module gives it the torch
@@ -82,10 +89,12 @@ def sylvester_matrix(block: int, device: str | torch.device = "cpu") -> torch.Te
 
 
 def hadamard_reference(x: torch.Tensor, block: int) -> torch.Tensor:
-    """The torch implementation of the definition: float32 matmul with the +-1 matrix, then
-    one float32 multiply by the normalization. ``block`` must divide ``x.shape[-1]``."""
-    h = _pm1_matrix(int(block), x.device, torch.float32)
-    y = (x.to(torch.float32).reshape(-1, block) @ h).reshape(x.shape)
+    """The torch implementation of the definition: the +-1 sums exactly rounded to float32
+    (a float64 matmul), then one float32 multiply by the normalization. ``block`` must
+    divide ``x.shape[-1]``."""
+    h = _pm1_matrix(int(block), x.device, torch.float64)
+    rows = x.to(torch.float32).to(torch.float64).reshape(-1, block)
+    y = (rows @ h).to(torch.float32).reshape(x.shape)
     return y.mul_(torch.full((), hadamard_scale(block), dtype=torch.float32, device=x.device))
 
 
