@@ -240,7 +240,7 @@ def search(
     space: SpaceOpt = None,
     model: ModelOpt = None,
     method: Annotated[str, typer.Option("--method", "-m", help="gumbel | optuna | random |"
-                                        " uniform")] = "gumbel",
+                                        " uniform | sensitivity")] = "gumbel",
     baselines: Annotated[str, typer.Option(
         "--baselines", help="also run these at the same budget (comma list of uniform,"
         " random, optuna; none)")] = "uniform",
@@ -398,7 +398,8 @@ def frontier(
     seeds: Annotated[int, typer.Option("--seeds", help="seeds 0..N-1 per budget and"
                                        " method")] = 3,
     methods: Annotated[str, typer.Option(
-        "--methods", help="comma-separated: gumbel, uniform, optuna, random")] = "gumbel,uniform",
+        "--methods", help="comma-separated: gumbel, uniform, optuna, random,"
+        " sensitivity")] = "gumbel,uniform",
     storage: Annotated[Optional[str], typer.Option(
         "--storage", help="Optuna storage: a journal file path (default: next to the sweep)"
         " or an RDB URL such as postgresql://user:pw@host/db")] = None,

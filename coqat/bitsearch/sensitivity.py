@@ -109,9 +109,15 @@ class Sensitivity:
         return statistics.median(ses) if ses else None
 
     def spread(self) -> list[dict[str, Any]]:
-        """Per (kind, width): the least and the most sensitive decision and ``z``, their
-        difference over its standard error. ``z`` below ~2 means the decisions are alike at
-        that width on these batches: a per-layer choice has nothing to gain there."""
+        """Per (kind, width): the least and the most sensitive decision, and ``p_alike``:
+        the p-value of "every decision changes the loss equally at this width" (Cochran's Q,
+        the cells weighted by 1/s.e.^2 and taken as independent; the shared batches make
+        the cells positively correlated, which makes the test conservative). ``p_alike``
+        >= 0.05: the decisions cannot be told apart at that width on these batches, so a
+        per-layer choice has nothing to gain there. Unlike the largest minus the smallest
+        cell, Q does not grow with the number of decisions under noise alone."""
+        from scipy.stats import chi2
+
         out = []
         for kind in ("w", "a"):
             for b in self.widths:
@@ -121,11 +127,14 @@ class Sensitivity:
                 if len(cells) < 2:
                     continue
                 lo, hi = min(cells), max(cells)
-                se = math.hypot(lo[1], hi[1]) if lo[1] is not None and hi[1] is not None \
-                    else None
+                weighted = [(v, 1 / se ** 2) for v, se, _ in cells if se]
+                p = None
+                if len(weighted) >= 2:
+                    mean = sum(v * w for v, w in weighted) / sum(w for _, w in weighted)
+                    q = sum(w * (v - mean) ** 2 for v, w in weighted)
+                    p = float(chi2.sf(q, len(weighted) - 1))
                 out.append({"kind": kind, "bits": b, "min": lo[0], "min_decision": lo[2],
-                            "max": hi[0], "max_decision": hi[2],
-                            "z": (hi[0] - lo[0]) / se if se else None})
+                            "max": hi[0], "max_decision": hi[2], "p_alike": p})
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,8 @@ HTML = "sensitivity.html"
 PNG = "sensitivity.png"
 #: a cell counts as distinguishable from float when its change exceeds this many s.e.
 Z = 2.0
+#: below this p-value the decisions of a width differ beyond noise
+ALPHA = 0.05
 
 KINDS = {"w": "weights", "a": "input activations"}
 
@@ -35,9 +37,10 @@ NOTE = (f"Δ loss: the mean change of the loss over the holdout batches when onl
         f" is quantized to that width and every other layer stays in float (the same batches"
         f" for every cell, so differences between cells are paired). s.e.: the standard error"
         f" of that mean. Cells within {Z:g} s.e. of zero are dimmed: these batches cannot tell"
-        f" them from float. z: the largest minus the smallest Δ at a width over its standard"
-        f" error; z below ~{Z:g} means the layers are alike at that width, so choosing bits"
-        f" per layer has nothing to gain there.")
+        f" them from float. p (alike): the p-value of 'every decision changes the loss"
+        f" equally at this width' (Cochran's Q over the cells, weighted by 1/s.e.²); at"
+        f" p >= {ALPHA:g} the layers cannot be told apart at that width, so choosing bits per"
+        f" layer has nothing to gain there.")
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -89,17 +92,21 @@ def summary(doc: Mapping[str, Any]) -> str:
 
 
 def spread_rows(doc: Mapping[str, Any], strip: str = "") -> list[list[str]]:
-    """kind, bits, least sensitive (Δ), most sensitive (Δ), z: per width and kind."""
+    """kind, bits, least sensitive (Δ), most sensitive (Δ), p (alike): per width and kind."""
     def name(n: str) -> str:
         return n.replace(strip, "", 1) if strip else n
 
     return [[KINDS.get(s["kind"], s["kind"]), str(s["bits"]),
              f"{_fmt(s['min'])} {name(s['min_decision'])}",
              f"{_fmt(s['max'])} {name(s['max_decision'])}",
-             "" if s.get("z") is None else f"{s['z']:.1f}"] for s in doc.get("spread", [])]
+             _p(s.get("p_alike"))] for s in doc.get("spread", [])]
 
 
-SPREAD_HEADERS = ["kind", "bits", "least sensitive: Δ", "most sensitive: Δ", "z"]
+def _p(p: float | None) -> str:
+    return "" if p is None else f"{p:.2g}"
+
+
+SPREAD_HEADERS = ["kind", "bits", "least sensitive: Δ", "most sensitive: Δ", "p (alike)"]
 
 
 def common_prefix(doc: Mapping[str, Any]) -> str:
@@ -153,19 +160,22 @@ def print_table(doc: Mapping[str, Any], console) -> None:
         t.add_row(Text(name), f"{100 * r['macs_share']:.1f}", *cells)
     console.print(t)
     console.print(Text(summary(doc)), highlight=False)
-    st = Table(title=Text("spread over the decisions (z: max - min over its s.e.)"),
+    st = Table(title=Text("spread over the decisions (p (alike): are they all equally"
+                          " sensitive?)"),
                title_justify="left", box=box.SIMPLE_HEAD, header_style="bold",
                pad_edge=False)
     for col in SPREAD_HEADERS:
-        st.add_column(col, overflow="fold", justify="right" if col in ("bits", "z") else
+        st.add_column(col, overflow="fold", justify="right" if col in ("bits", "p (alike)") else
                       "left")
     for row in spread_rows(doc, prefix):
         st.add_row(*(Text(c) for c in row))
     console.print(st)
     console.print(Text(f"w: a layer's weight; a: the input of a tie group (+N: N more layers"
                        f" read it). dim: within {Z:g} s.e. of zero; -: not a candidate;"
-                       " %MACs: share of the MACs of its kind. z below ~2: the layers are"
-                       " alike at that width, so per-layer bits have nothing to gain there.",
+                       f" %MACs: share of the MACs of its kind. p (alike) >= {ALPHA:g}: the"
+                       " layers cannot be told apart at that width, so per-layer bits have"
+                       " nothing to gain there (below it they differ, which can still be too"
+                       " little to matter: compare Δ with the float loss).",
                        style="dim"), highlight=False)
 
 
@@ -317,6 +327,7 @@ def short_line(path: Path) -> str:
         return str(e)
     lowest = [s for s in doc.get("spread", []) if s["bits"] == min(widths(doc), default=0)]
     extra = "".join(f"; {KINDS[s['kind']]} at {s['bits']} bits: {_fmt(s['min'])} ..."
-                    f" {_fmt(s['max'])}" + ("" if s.get("z") is None else f" (z {s['z']:.1f})")
+                    f" {_fmt(s['max'])}" + ("" if s.get("p_alike") is None else
+                                            f" (p alike {_p(s['p_alike'])})")
                     for s in lowest)
     return f"sensitivity {path}: float loss {doc['baseline_loss']:.4f}{extra}"
