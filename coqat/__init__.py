@@ -34,6 +34,7 @@ _PUBLIC = {
     "TrainSettings": "coqat.config", "load_space": "coqat.config",
     "RunRecord": "coqat.records", "SearchRecord": "coqat.records",
     "UserModel": "coqat.workloads.user",
+    "Sensitivity": "coqat.bitsearch.sensitivity", "sensitivity": "coqat.api",
     **{name: "coqat.api" for name in ("BopsReport", "bops", "quantize_", "train", "resume",
                                        "search", "frontier", "work_on", "export", "deploy",
                                        "report", "plan")},

@@ -11,6 +11,7 @@ one of them and prints what it returns)::
     rep = coqat.frontier("lm-tiny", ["w3a3", "w4a4"], seeds=2)       # Report
     coqat.export(rec.run_dir, "onnx")                                # ExportResult
     coqat.quantize_(model, coqat.BitConfig.load("bitconfig.json"))   # in place
+    table = coqat.sensitivity("lm-tiny", fp_steps=200)               # Sensitivity
 
 Options are the fields of ``TrainSettings`` (steps, lr, batch_size, optimizer, ...),
 ``SearchSettings`` (fp_steps, search_steps, ...) and ``Runtime`` (seed, device, out,
@@ -43,14 +44,15 @@ from coqat.kernels import use_kernels
 from coqat.records import RunRecord
 from coqat.reporting.build import Report, build_report, write_html
 from coqat.bitsearch import run_searches
+from coqat.bitsearch.sensitivity import Sensitivity
 from coqat.sweep import frontier as sweep
 from coqat.training import runner
 from coqat.workloads import (UserModel, get_workload, load_object, load_user_model,
                              use_user_model)
 
 __all__ = ["BopsReport", "UserModel", "bops", "quantize_", "train", "resume", "search",
-           "frontier", "work_on", "export", "explain_export", "deploy", "report", "plan", "model_and_inputs",
-           "parse_shape", "resolve_model", "use_model"]
+           "frontier", "work_on", "export", "explain_export", "deploy", "report", "plan",
+           "model_and_inputs", "parse_shape", "resolve_model", "use_model", "sensitivity"]
 
 
 # ----- the user's own model ------------------------------------------------------------------------
@@ -284,6 +286,113 @@ def work_on(storage: str, study: str, out: str | Path = "runs",
         use_model(model)
     st, manifest = sweep.load_study(storage, study)
     return sweep.work(st, manifest, Path(out) / manifest.study, max_points=max_points)
+
+
+# ----- sensitivity -------------------------------------------------------------------------------
+#: options that may accompany ``run=``: where and how to compute, not what to measure
+_RUN_OPTIONS = ("device", "data_dir", "progress")
+
+
+def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model: Any = None,
+                run: str | Path | None = None, bits: str | Sequence[int] | None = None,
+                batches: int = 8, batch_size: int | None = None, weights: str = "auto",
+                save: str | Path | None = None,
+                on_cell: Callable[[int, int], None] | None = None,
+                say: Callable[[str], None] | None = None, **options: Any) -> Sensitivity:
+    """Per decision (each layer's weight, each tie group's input) and width, the change of
+    the loss on ``batches`` fixed holdout batches when only that tensor is quantized and
+    everything else stays in float (``coqat sensitivity``; see
+    ``coqat.bitsearch.sensitivity``). Cost: one forward pass over the batches per cell.
+
+    Weights: ``run`` (a finished run directory: its trained weights, space and seed); else
+    ``weights="fp-phase"`` (the FP phase ``coqat search`` trains and caches under
+    ``out``, so a later search reuses it; the default for a space) or ``"given"`` (the
+    model as built: a user's pretrained model, the default with ``model``).
+    ``bits``: widths to measure ("2,4,8" or a list; default every candidate of the space).
+    ``save``: a directory to write sensitivity.json, sensitivity.html and sensitivity.png
+    into (a run directory is fine: ``coqat report`` then shows the heatmap).
+    ``options``: RunConfig fields (seed, fp_steps, device, out, ...); with ``run`` only
+    device and data_dir."""
+    from coqat.bitsearch.pipeline import load_or_train_fp
+    from coqat.bitsearch.problem import SearchProblem
+    from coqat.bitsearch.sensitivity import check_widths, fp_job, measure
+    from coqat.config import run_config_from_json
+    from coqat.exporters.loading import first_problem
+    from coqat.rundir import CONFIG, RunDir
+
+    say = say or (lambda _msg: None)
+    widths = _parse_widths(bits)
+    if weights not in ("auto", "fp-phase", "given"):
+        raise CoqatError(f"weights {weights!r} is not a source of weights; use auto, fp-phase"
+                         " or given")
+    notes: list[str] = []
+    if run is not None:
+        if space is not None or weights != "auto":
+            raise CoqatError("a run directory brings its own space and weights; give either a"
+                             " run or a space / weights source, not both")
+        extra = sorted(k for k, v in options.items() if v is not None and k not in _RUN_OPTIONS)
+        if extra:
+            raise CoqatError(f"a run is measured with its own settings; leave out"
+                             f" {', '.join(extra)}")
+        if model is not None:
+            use_model(model)
+        rd = RunDir.open(run)
+        if not rd.finished or not rd.has("model.safetensors"):
+            raise CoqatError(f"{rd.path} has no final weights (the run has not finished);"
+                             f" finish it with coqat train --resume {rd.path}")
+        config = run_config_from_json(rd.read_json(CONFIG), str(rd.file(CONFIG)))
+        config = config.with_runtime(**{k: v for k, v in options.items() if v is not None})
+        prep = runner.prepare(config, bits="fp")
+        try:
+            prep.model.load_state_dict(rd.load_weights(), strict=True)
+        except RuntimeError as e:
+            raise CoqatError(f"{rd.path / 'model.safetensors'} does not match the model of"
+                             f" {rd.path / CONFIG}: {first_problem(str(e))}") from None
+        problem = SearchProblem.build(prep.resolved, prep.cost, config.train.quantizer)
+        source, label = config.space.name, f"run {rd.path}"
+        if rd.has("bitconfig.json"):
+            notes.append("the run was trained quantized; its weights are measured here with"
+                         " every other layer in float")
+    else:
+        config = _config(space, options, model)
+        if weights == "auto":
+            weights = "given" if model is not None else "fp-phase"
+        if weights == "fp-phase":
+            job = fp_job(config)
+            check_widths(job.problem, widths)       # bad input fails before any training
+            info = load_or_train_fp(job, say)
+            prep, problem = job.fp_prep, job.problem
+            label = (f"FP phase ({job.fp_steps} steps, seed {job.seed}), cached in"
+                     f" {info['cache']}")
+        else:
+            prep = runner.prepare(config, bits="fp")
+            problem = SearchProblem.build(prep.resolved, prep.cost, config.train.quantizer)
+            label = "the model as given" if model is not None else \
+                "the model as initialised (untrained)"
+        source = config.space.name
+    table = measure(prep.model, problem, prep.workload, bits=widths, batches=batches,
+                    batch_size=batch_size or prep.settings.eval_batch_size,
+                    device=prep.device, source=source, weights=label, on_cell=on_cell)
+    table.notes.extend(notes)
+    if save is not None:
+        from coqat.reporting.sensitivity import FILE, write_page
+
+        table.save(Path(save) / FILE)
+        write_page(table.to_dict(), save)
+    return table
+
+
+def _parse_widths(bits: str | Sequence[int] | None) -> list[int] | None:
+    if bits is None:
+        return None
+    items = bits.replace(" ", "").split(",") if isinstance(bits, str) else list(bits)
+    try:
+        out = [int(b) for b in items if b != ""]
+    except (TypeError, ValueError):
+        out = []
+    if not out:
+        raise CoqatError(f"bits {bits!r} is not a list of widths; write e.g. 2,4,8")
+    return out
 
 
 # ----- results ---------------------------------------------------------------------------------------

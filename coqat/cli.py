@@ -240,7 +240,7 @@ def search(
     space: SpaceOpt = None,
     model: ModelOpt = None,
     method: Annotated[str, typer.Option("--method", "-m", help="gumbel | optuna | random |"
-                                        " uniform")] = "gumbel",
+                                        " uniform | sensitivity")] = "gumbel",
     baselines: Annotated[str, typer.Option(
         "--baselines", help="also run these at the same budget (comma list of uniform,"
         " random, optuna; none)")] = "uniform",
@@ -308,6 +308,85 @@ def _print_search(records) -> None:
              " budget left after attention and pinned layers", style="dim")
 
 
+# ----------------------------------------------------------------------------- sensitivity
+@app.command()
+def sensitivity(
+    space: SpaceOpt = None,
+    model: ModelOpt = None,
+    run: Annotated[Optional[Path], typer.Option(
+        "--run", help="measure a finished run's weights (runs/<name>); its space and seed"
+        " come with it")] = None,
+    bits: Annotated[Optional[str], typer.Option(
+        "--bits", help="widths to measure, e.g. 2,4,8 (default: every candidate of the"
+        " space)")] = None,
+    batches: Annotated[int, typer.Option(
+        "--batches", help="holdout batches per cell (the same batches for every cell)")] = 8,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="rows per holdout batch (default: the space's"
+        " eval_batch_size)")] = None,
+    weights: Annotated[str, typer.Option(
+        "--weights", help="without --run: fp-phase (train, or reuse, the FP phase coqat"
+        " search caches) | given (the model as built: a pretrained --model) | auto"
+        " (fp-phase for a space, given for --model)")] = "auto",
+    fp_steps: Annotated[Optional[int], typer.Option(
+        "--fp-steps", help="FP phase steps (default: search.fp_steps of the space, else its"
+        " steps)")] = None,
+    quantizer: QuantizerOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None, out: OutOpt = "runs",
+    to: Annotated[Optional[Path], typer.Option(
+        "--to", help="where sensitivity.json, .html and .png go (default: the --run"
+        " directory, else OUT/sensitivity-SPACE-sSEED)")] = None,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Loss change per layer and width when only that tensor is quantized: can a per-layer
+    bit choice win anything on this model? (table, heatmap, sensitivity.json)"""
+    if run is not None:
+        given = _non_defaults({"fp_steps": fp_steps, "quantizer": quantizer, "seed": seed,
+                               "out": out}, {"seed": 0, "out": "runs"}, skip=())
+        if given:
+            raise CoqatError(f"--run measures a run with its own settings; leave out"
+                             f" {', '.join('--' + g.replace('_', '-') for g in given)}")
+        options: dict[str, Any] = {"device": device, "data_dir": data_dir}
+    else:
+        options = {"fp_steps": fp_steps, "quantizer": quantizer, "seed": seed,
+                   "device": device, "data_dir": data_dir, "out": out,
+                   "progress": not (quiet or json_out)}
+    progress = not (quiet or json_out)
+    # the spinner starts with the first measured cell: an FP phase trained before it shows
+    # its own progress bar, and rich runs one live display at a time
+    spinner: list[Any] = []
+
+    def show(done: int, total: int) -> None:
+        if not spinner:
+            spinner.append(console.status("", spinner="dots"))
+            spinner[0].start()
+        spinner[0].update(f"sensitivity: {done}/{total} forward passes ...")
+
+    if to is None and run is None:
+        label = Path(space).stem if space else Path(model.split(":")[0]).stem if model \
+            else "lm-tiny"
+        to = Path(out) / f"sensitivity-{label}-s{seed}"
+    dest = to if to is not None else run
+    try:
+        table = coqat.sensitivity(space, model=model, run=run, bits=bits, batches=batches,
+                                  batch_size=batch_size, weights=weights, save=dest,
+                                  on_cell=show if progress else None,
+                                  say=(lambda msg: _say(msg, style="dim")) if progress
+                                  else None, **options)
+    finally:
+        for sp in spinner:
+            sp.stop()
+    from coqat.reporting import sensitivity as view
+
+    files = {"json": Path(dest) / view.FILE, "html": Path(dest) / view.HTML,
+             "png": Path(dest) / view.PNG}
+    if json_out:
+        _emit_json({**table.to_dict(), "files": {k: str(v) for k, v in files.items()}})
+        return
+    view.print_table(table.to_dict(), console)
+    _say(f"written: {files['json']}, {files['html']}")
+
+
 # ---------------------------------------------------------------------- frontier / report
 @app.command()
 def frontier(
@@ -319,7 +398,8 @@ def frontier(
     seeds: Annotated[int, typer.Option("--seeds", help="seeds 0..N-1 per budget and"
                                        " method")] = 3,
     methods: Annotated[str, typer.Option(
-        "--methods", help="comma-separated: gumbel, uniform, optuna, random")] = "gumbel,uniform",
+        "--methods", help="comma-separated: gumbel, uniform, optuna, random,"
+        " sensitivity")] = "gumbel,uniform",
     storage: Annotated[Optional[str], typer.Option(
         "--storage", help="Optuna storage: a journal file path (default: next to the sweep)"
         " or an RDB URL such as postgresql://user:pw@host/db")] = None,

@@ -8,6 +8,7 @@ Pieces (each usable alone):
     SearchLinear / SearchConv2d, to_search_model   shared-weight mixing layers
     GumbelSearch, GumbelSearchHooks, derive        the differentiable search
     repair          exact multiple-choice knapsack: best config with BOPs <= budget
+    Sensitivity, measure_sensitivity   per-tensor loss change at each width (the diagnostic)
     uniform_at_budget, random_assignment, optuna_search   the baselines
     METHODS, register_method, SearchMethod         the registry every method plugs into
     run_search / plan_search / execute_search      the whole pipeline (CLI: coqat search)
@@ -22,9 +23,12 @@ from coqat.bitsearch.methods import METHODS, SearchMethod, get_method, register_
 from coqat.bitsearch.pipeline import execute_search, plan_search, run_search, run_searches
 from coqat.bitsearch.problem import Assignment, Decision, SearchProblem, hamming_bits
 from coqat.bitsearch.relax import SearchConv2d, SearchLinear, set_assignment, to_search_model
+from coqat.bitsearch.sensitivity import DecisionSensitivity, Sensitivity
+from coqat.bitsearch.sensitivity import measure as measure_sensitivity
 
 __all__ = [
-    "METHODS", "Assignment", "Choice", "Decision", "GumbelSearch", "GumbelSearchHooks",
+    "METHODS", "Assignment", "Choice", "Decision", "DecisionSensitivity", "GumbelSearch",
+    "GumbelSearchHooks", "Sensitivity", "measure_sensitivity",
     "RepairResult", "SearchContext", "SearchConv2d", "SearchJob", "SearchLinear",
     "SearchMethod", "SearchProblem", "SearchSettings", "derive", "distance_values",
     "execute_search", "get_method", "hamming_bits", "optuna_search",

@@ -8,6 +8,7 @@ from typing import Any, Callable
 from coqat.config import RunConfig, SearchSettings
 from coqat.cost import Budget
 from coqat.bitsearch.problem import Assignment, SearchProblem
+from coqat.rundir import RunDir
 from coqat.training.runner import Prepared
 
 __all__ = ["SearchJob", "SearchContext", "Choice"]
@@ -42,6 +43,7 @@ class SearchContext:
     trace: Callable[[dict[str, Any]], None]   # one JSON line of search/trace.jsonl
     say: Callable[[str], None]                # one-line phase notes for people
     seconds: float | None = None              # time limit of time-boxed methods (Optuna)
+    run: RunDir | None = None                 # the search's run directory (files under search/)
 
 
 @dataclass

@@ -11,7 +11,8 @@ method, so differences between methods come from the bits alone::
         def choose(self, job, ctx): ...
     register_method(MyMethod())
 
-Built in: ``gumbel`` (the differentiable search), ``uniform``, ``random``, ``optuna``.
+Built in: ``gumbel`` (the differentiable search), ``uniform``, ``random``, ``optuna``,
+``sensitivity`` (measured per-tensor loss changes + the exact knapsack).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from coqat.errors import CoqatError
 from coqat.optim.schedules import Schedule
 from coqat.bitsearch.baselines import (optuna_search, proxy_loss_fn, random_assignment,
                                     repair_towards, uniform_at_budget)
+from coqat.bitsearch.baselines import fill_floor
 from coqat.bitsearch.gumbel import GumbelSearch, GumbelSearchHooks, derive
 from coqat.bitsearch.job import Choice, SearchContext, SearchJob
+from coqat.bitsearch.knapsack import repair
 from coqat.bitsearch.problem import Assignment, SearchProblem
 from coqat.bitsearch.relax import set_assignment, to_search_model
+from coqat.bitsearch import sensitivity
 from coqat.training.loop import train
 from coqat.workloads.base import to_device
 from coqat.workloads.sampling import stable_seed
@@ -172,7 +176,51 @@ class OptunaMethod:
                                          "repair": repair_info(p, best, fixed, None)})
 
 
-for _m in (GumbelMethod(), OptunaMethod(), RandomMethod(), UniformMethod()):
+class SensitivityMethod:
+    """HAWQ-V3 / AutoQuantize style: measure each tensor's loss change at each width on the
+    FP-phase weights (``coqat.bitsearch.sensitivity``), take minus that as the value of the
+    choice, and let the exact knapsack pick the config of least predicted loss change in the
+    budget's fill window. No training, no randomness: the same FP phase gives the same config.
+
+    The table is measured on ``[search] proxy_batches`` holdout batches of the eval batch
+    size (the batches Optuna's proxy also uses) and written to ``search/sensitivity.json``.
+    """
+
+    name, needs_fp = "sensitivity", True
+
+    def choose(self, job: SearchJob, ctx: SearchContext) -> Choice:
+        prep, s, p = job.fp_prep, job.settings, job.problem
+        bs = prep.settings.eval_batch_size
+        ctx.say(f"sensitivity: {len(p.w_decisions)} weight + {len(p.a_decisions)} activation"
+                f" decisions, {s.proxy_batches} holdout batch(es) of {bs}")
+        table = sensitivity.measure(prep.model, p, prep.workload, batches=s.proxy_batches,
+                                    batch_size=bs, device=prep.device,
+                                    source=job.config.space.name,
+                                    weights=f"FP phase ({job.fp_steps} steps, seed {job.seed})")
+        if ctx.run is not None:
+            table.save(ctx.run.file(f"search/{sensitivity.FILE}"))
+        wv, av = sensitivity.values(table, p)
+        # the best config without a budget: where the budget's pull starts from
+        free = Assignment(tuple(d.choices[v.index(max(v))] for d, v in zip(p.w_decisions, wv)),
+                          tuple(d.choices[v.index(max(v))] for d, v in zip(p.a_decisions, av)))
+        budget = job.budget.bops
+        fixed = repair(p, wv, av, budget, lo=fill_floor(p, budget, s.fill))
+        predicted = sensitivity.predicted_delta(table, p, fixed.assignment)
+        ctx.say(f"sensitivity done: {table.forward_passes} forward passes in {table.wall_s:.1f}"
+                f" s; predicted loss change {predicted:+.4f} (float loss"
+                f" {table.baseline_loss:.4f}, noise per cell {table.noise() or 0:.2g})")
+        return Choice(fixed.assignment, {
+            "search_phase_wall_s": table.wall_s,
+            "repair": repair_info(p, free, fixed, None),
+            "sensitivity": {"file": f"search/{sensitivity.FILE}",
+                            "predicted_delta_loss": predicted,
+                            "baseline_loss": table.baseline_loss, "noise": table.noise(),
+                            "batches": table.batches, "batch_size": table.batch_size,
+                            "forward_passes": table.forward_passes}})
+
+
+for _m in (GumbelMethod(), OptunaMethod(), RandomMethod(), SensitivityMethod(),
+           UniformMethod()):
     register_method(_m)
 
 

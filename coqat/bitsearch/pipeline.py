@@ -140,7 +140,7 @@ def execute_search(job: SearchJob, final_qat: bool = True, seconds: float | None
     t0 = time.perf_counter()
     if method.needs_fp:
         info["fp_phase"] = load_or_train_fp(job, say)
-    choice = method.choose(job, SearchContext(trace, say, seconds))
+    choice = method.choose(job, SearchContext(trace, say, seconds, run))
     asg = choice.assignment
     info.update(choice.info)
     info["search_wall_s"] = round(time.perf_counter() - t0, 2)

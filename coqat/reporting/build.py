@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from coqat.reporting import plots
+from coqat.reporting import sensitivity
 from coqat.rundir import FINAL
 from coqat.reporting.runs import (FRONTIER_MANIFEST, Group, Point, group_dominated, group_points,
                                load_point, load_points, pareto_front)
@@ -369,7 +370,14 @@ def to_json(report: Report) -> dict[str, Any]:
         "conventions": _saved(report, "conventions", lambda: conventions(report)),
         "layers": _layers(report),
         "search": _searches(report),
+        "sensitivity": [str(p) for p in _sensitivity_files(report)],
     }
+
+
+def _sensitivity_files(report: Report) -> list[Path]:
+    if report.saved is not None:
+        return [Path(p) for p in report.saved.get("sensitivity", []) if Path(p).is_file()]
+    return sensitivity.find(report.root, [p.run_dir for p in report.points])
 
 
 # ----- rows shared by the terminal and the HTML ---------------------------------------------------
@@ -498,6 +506,8 @@ def print_terminal(report: Report, console) -> None:
                        _fmt(s.get("mu")), _fmt(s.get("tau")),
                        _fmt(s.get("e_bops_over_budget")), _fmt(s.get("achieved_over_budget")))
         console.print(st)
+    for path in _sensitivity_files(report):
+        console.print(Text(sensitivity.short_line(path)), highlight=False)
     conv = _saved(report, "conventions", lambda: conventions(report))
     if conv:
         console.print(Text(f"BOPs = {conv.get('formula', 'MACs*w_bits*a_bits')}, MACs by"
@@ -644,8 +654,10 @@ def write_html(report: Report, out_dir: str | Path | None = None) -> dict[str, P
     if report.single:
         parts.append(_table(["layer", "op", "bits", "% MACs", "% BOPs"],
                             _layer_rows(_layers(report))))
+    sens_html, sens_pngs = sensitivity.report_sections(_sensitivity_files(report), out)
     parts += ["<h2>Training</h2>", img("training", "training curves"),
               "<h2>Search</h2>", img("search", "search curves"),
+              *(["<h2>Sensitivity</h2>", sens_html] if sens_html else []),
               "<h2>BOPs conventions</h2>",
               "<p>BOPs = MACs × weight bits × activation bits; MACs per layer counted by fvcore on"
               " the float model (one multiply-add = one MAC). The FP32 reference counts 32×32;"
@@ -661,6 +673,7 @@ def write_html(report: Report, out_dir: str | Path | None = None) -> dict[str, P
               "</body></html>"]
     page = out / "report.html"
     atomic_write_text(page, "\n".join(parts))
+    pngs.update({f"sensitivity{i or ''}": p for i, p in enumerate(sens_pngs)})
     return {"html": page, **{k: v for k, v in pngs.items() if v is not None}}
 
 

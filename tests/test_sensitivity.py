@@ -1,0 +1,216 @@
+"""The sensitivity diagnostic (``coqat sensitivity``) and ``--method sensitivity``.
+
+Fast: the digits CNN's FP phase (40 steps) is trained once per module and cached; every
+measurement uses 2-4 holdout batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import coqat
+from coqat.bitconfig import FLOAT_BITS, BitConfig, LayerBits
+from coqat.bitsearch import run_search
+from coqat.bitsearch.pipeline import load_or_train_fp
+from coqat.bitsearch.problem import Assignment
+from coqat.bitsearch.sensitivity import (FILE, Sensitivity, fp_job, measure, predicted_delta,
+                                         values)
+from coqat.errors import CoqatError
+from coqat.quant import quantize_model
+from coqat.reporting import sensitivity as view
+from coqat.rundir import RunDir
+from conftest import DIGITS, LM_MICRO, assert_one_line_error, cli_json, run_cli, run_config, \
+    train_run
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits space's FP phase (trained once, cached where the search finds it)."""
+    out = tmp_path_factory.mktemp("runs")
+    job = fp_job(run_config(DIGITS, out, steps=40, fp_steps=40))
+    load_or_train_fp(job, lambda _msg: None)
+    return job, out
+
+
+def _table(job, **kw) -> Sensitivity:
+    prep = job.fp_prep
+    return measure(prep.model, job.problem, prep.workload, **{"batches": 3, "batch_size": 32,
+                                                               **kw})
+
+
+def _mean_loss(model, workload, batches: int, batch_size: int) -> float:
+    model.eval()
+    with torch.no_grad():
+        return sum(float(workload.loss(model, workload.get_batch("holdout", i, batch_size)))
+                   for i in range(batches)) / batches
+
+
+# ----- the numbers -------------------------------------------------------------------------
+def test_a_cell_is_the_loss_change_of_quantizing_that_one_tensor_by_hand(digits):
+    job, _ = digits
+    prep, p = job.fp_prep, job.problem
+    table = _table(job)
+    base = _mean_loss(copy.deepcopy(prep.model), prep.workload, 3, 32)
+    assert table.baseline_loss == pytest.approx(base, rel=1e-6)
+    rows = {d.name: d for d in table.decisions}
+    # one layer's weight at 2 bits, its input and every other layer in float
+    wd = p.w_decisions[1]
+    hand = quantize_model(copy.deepcopy(prep.model),
+                          BitConfig({n: LayerBits(2, FLOAT_BITS) for n in wd.layers}),
+                          kernels="reference")
+    want = _mean_loss(hand, prep.workload, 3, 32) - base
+    assert rows[wd.name].at(2) == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert abs(want) > 1e-4                       # 2-bit weights do move the loss
+    # an activation decision at 4 bits: every layer reading that input
+    ad = p.a_decisions[-1]
+    hand = quantize_model(copy.deepcopy(prep.model),
+                          BitConfig({n: LayerBits(FLOAT_BITS, 4) for n in ad.layers}),
+                          kernels="reference")
+    want = _mean_loss(hand, prep.workload, 3, 32) - base
+    assert rows[ad.name].at(4) == pytest.approx(want, rel=1e-4, abs=1e-7)
+    # the model given is not changed by measuring it
+    assert all(type(m).__name__ in ("Linear", "Conv2d")
+               for n, m in prep.model.named_modules() if n in p.searchable)
+
+
+def test_low_widths_hurt_more_than_high_ones_and_every_decision_is_measured(digits):
+    job, _ = digits
+    table = _table(job)
+    p = job.problem
+    assert [d.name for d in table.decisions] == [d.name for d in p.decisions]
+    assert all(d.widths == [b for b in p.decisions[i].choices if b != FLOAT_BITS]
+               for i, d in enumerate(table.decisions))
+    w2 = [d.at(2) for d in table.decisions if d.kind == "w"]
+    w8 = [d.at(8) for d in table.decisions if d.kind == "w"]
+    a4 = [d.at(4) for d in table.decisions if d.kind == "a"]
+    a8 = [d.at(8) for d in table.decisions if d.kind == "a"]
+    assert sum(w2) / len(w2) > sum(w8) / len(w8) + 1e-3
+    assert sum(a4) / len(a4) > sum(a8) / len(a8)
+    assert table.forward_passes == 1 + sum(len(d.widths) for d in table.decisions)
+    assert table.baseline_se > 0 and all(s is not None and s >= 0
+                                         for d in table.decisions for s in d.se)
+    assert all(s["min"] <= s["max"] for s in table.spread())
+
+
+def test_spread_tells_alike_from_different_decisions():
+    from coqat.bitsearch.sensitivity import DecisionSensitivity
+
+    def table(deltas):
+        rows = [DecisionSensitivity(f"w:l{i}", "w", [f"l{i}"], 10, [2], [d], [0.01])
+                for i, d in enumerate(deltas)]
+        return Sensitivity("s", "given", "quest", "holdout", 4, 8, 1.0, 0.1, rows, 5, 0.0)
+
+    alike = table([0.100, 0.101, 0.099, 0.1005, 0.0995]).spread()[0]
+    apart = table([0.10, 0.30, 0.10, 0.10, 0.10]).spread()[0]
+    assert alike["p_alike"] > 0.5 and apart["p_alike"] < 1e-6
+    assert (apart["min"], apart["max"], apart["max_decision"]) == (0.10, 0.30, "w:l1")
+
+
+def test_measuring_twice_gives_the_same_table(digits):
+    job, _ = digits
+    one, two = _table(job, bits=[2, 4]), _table(job, bits=[2, 4])
+    strip = {"wall_s": 0}
+    assert dataclasses.replace(one, **strip) == dataclasses.replace(two, **strip)
+    assert one.widths == [2, 4]
+
+
+def test_json_round_trip_and_damaged_files(digits, tmp_path):
+    job, _ = digits
+    table = _table(job, bits=[2, 8])
+    table.decisions[0].delta[0] = math.inf            # a loss that was not finite
+    path = table.save(tmp_path / FILE)
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "coqat.sensitivity/v1" and doc["decisions"][0]["delta"][0] is None
+    assert Sensitivity.load(path) == table
+    assert view.read(path)["baseline_loss"] == table.baseline_loss
+    (tmp_path / "bad.json").write_text(json.dumps({**doc, "schema": "other"}))
+    with pytest.raises(CoqatError, match="not a coqat sensitivity table"):
+        Sensitivity.load(tmp_path / "bad.json")
+    with pytest.raises(CoqatError, match="not a coqat sensitivity table"):
+        view.read(tmp_path / "bad.json")
+    del doc["decisions"][0]["se"]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(CoqatError, match="damaged"):
+        Sensitivity.load(tmp_path / "bad.json")
+
+
+def test_widths_outside_the_space_are_refused(digits):
+    job, _ = digits
+    with pytest.raises(CoqatError, match=r"width\(s\) 3 are not a candidate.*\[2, 4, 8\]"):
+        _table(job, bits=[2, 3])
+
+
+# ----- the method ---------------------------------------------------------------------------
+def test_method_meets_the_budget_in_the_fill_window_and_is_deterministic(digits):
+    job, out = digits
+    cfg = run_config(DIGITS, out, steps=40, fp_steps=40, proxy_batches=3)
+    runs = [run_search(cfg, "w4a4", "sensitivity", final_qat=False) for _ in range(2)]
+    (run, rec), (_, again) = runs
+    s = rec.search
+    assert s.fp_phase["reused"] is True               # the fixture's FP phase
+    assert s.achieved_bops <= s.budget_bops and s.searchable_over_budget >= 0.97
+    assert again.search.assignment == s.assignment
+    table = Sensitivity.load(run.file(f"search/{FILE}"))
+    p = job.problem
+    rows = {d.name: d for d in table.decisions}
+
+    def loss_change(asg: Assignment) -> float:     # the table's sum, computed here
+        return sum(rows[d.name].at(b) for d, b in zip(p.decisions, asg.w + asg.a))
+
+    asg = Assignment(tuple(s.assignment["w"]), tuple(s.assignment["a"]))
+    summary = run.read_json("search/search.json")["sensitivity"]
+    assert summary["predicted_delta_loss"] == pytest.approx(loss_change(asg))
+    assert predicted_delta(table, p, asg) == pytest.approx(loss_change(asg))
+    # the uniform config fills the budget exactly, so the knapsack saw it: the choice is
+    # predicted to lose no more than it (and less, unless uniform is the best there is)
+    assert loss_change(asg) <= loss_change(p.uniform(4, 4)) + 1e-12
+    wv, av = values(table, p)
+    assert wv[0] == [-rows[p.w_decisions[0].name].at(b) for b in p.w_decisions[0].choices]
+
+
+# ----- API, CLI and report --------------------------------------------------------------------
+def test_run_weights_are_measured_and_the_report_shows_the_heatmap(tmp_path):
+    run, _ = train_run(DIGITS, tmp_path / "runs", steps=10)
+    table = coqat.sensitivity(run=run.path, bits="2,8", batches=2, save=run.path)
+    assert table.weights == f"run {run.path}" and table.widths == [2, 8]
+    job = fp_job(run_config(DIGITS, tmp_path / "x"))
+    job.fp_prep.model.load_state_dict(run.load_weights())
+    want = _mean_loss(job.fp_prep.model, job.fp_prep.workload, 2, table.batch_size)
+    assert table.baseline_loss == pytest.approx(want, rel=1e-6)
+    rep, files = coqat.report(run.path)
+    assert "sensitivity" in files and files["sensitivity"].is_file()
+    assert "<h2>Sensitivity</h2>" in files["html"].read_text()
+
+
+def test_cli_table_json_and_files(tmp_path):
+    res = cli_json("sensitivity", "--space", LM_MICRO, "--fp-steps", "3", "--bits", "2,4",
+                   "--batches", "2", "--out", str(tmp_path))
+    assert res["source"] == "lm-micro" and {d["kind"] for d in res["decisions"]} == {"w", "a"}
+    assert all(set(d["widths"]) <= {2, 4} for d in res["decisions"])
+    for key in ("json", "html", "png"):
+        assert (tmp_path / "sensitivity-lm-micro-s0" / {"json": FILE, "html": view.HTML,
+                                                        "png": view.PNG}[key]).is_file()
+    proc = run_cli("sensitivity", "--space", LM_MICRO, "--fp-steps", "3", "--bits", "8",
+                   "--batches", "1", "--out", str(tmp_path), env={"COLUMNS": "120"})
+    assert proc.returncode == 0, proc.stderr
+    assert "8 bits" in proc.stdout and "w:0.self_attn.q_proj" in proc.stdout
+    assert "FP phase: reusing" in proc.stdout           # the cached FP phase of the first call
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--run", "no/such/run"], ["run directory", "does not exist"]),
+    (["--space", LM_MICRO, "--bits", "5"], ["width(s) 5", "not a candidate"]),
+    (["--space", LM_MICRO, "--bits", "two"], ["not a list of widths"]),
+    (["--space", LM_MICRO, "--weights", "random"], ["not a source of weights"]),
+])
+def test_cli_bad_input_is_a_one_line_error(tmp_path, args, needles):
+    out = [] if "--run" in args else ["--out", str(tmp_path / "runs")]
+    proc = run_cli("sensitivity", *args, *out, cwd=tmp_path)
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "runs").exists()            # nothing trained, nothing written
