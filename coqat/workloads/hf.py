@@ -256,7 +256,7 @@ def load_gguf(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             try:
                 tensors = load_gguf_checkpoint(str(p), return_tensors=True,
                                                model_to_load=model)["tensors"]
-            except TypeError:  # transformers < 4.50: names come mapped already
+            except TypeError:  # an older converter without model_to_load maps names itself
                 tensors = load_gguf_checkpoint(str(p), return_tensors=True)["tensors"]
         except (OSError, ValueError, KeyError) as e:
             raise CoqatError(f"{_ref(p)}: cannot load this GGUF file ({_first_line(e)}); pass"
