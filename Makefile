@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml .ci/data-requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[export,kernels,postgres,dashboard,data,test]'
+	$(BIN)/python -m pip install -q -e '.[export,kernels,postgres,dashboard,data,hf,gguf,test]'
 	$(BIN)/python -m pip install -q --no-deps --require-hashes -r .ci/data-requirements.txt
 	touch $(STAMP)
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from coqat.bitconfig import BitConfig, LayerBits
 from coqat.config import (DEFAULT_SPACE, RunConfig, SearchSpace, bits_from_cli, load_space,
-                          space_for_workload)
+                          run_config_from_json, space_for_workload)
 from coqat.cost import CostModel
 from coqat.errors import CoqatError
 from coqat.exporters import explain_export as explain_run
@@ -42,6 +42,7 @@ from coqat.optim.planner import plan as make_plan
 from coqat.quant import quantize_model
 from coqat.kernels import use_kernels
 from coqat.records import RunRecord
+from coqat.rundir import CONFIG, RunDir
 from coqat.reporting.build import Report, build_report, write_html
 from coqat.bitsearch import run_searches
 from coqat.bitsearch.sensitivity import Sensitivity
@@ -49,6 +50,7 @@ from coqat.sweep import frontier as sweep
 from coqat.training import runner
 from coqat.workloads import (UserModel, get_workload, load_object, load_user_model,
                              use_user_model)
+from coqat.workloads.hf import HF_PREFIX, hf_user_model
 
 __all__ = ["BopsReport", "UserModel", "bops", "quantize_", "train", "resume", "search",
            "frontier", "work_on", "export", "explain_export", "deploy", "report", "plan",
@@ -56,22 +58,37 @@ __all__ = ["BopsReport", "UserModel", "bops", "quantize_", "train", "resume", "s
 
 
 # ----- the user's own model ------------------------------------------------------------------------
-def resolve_model(model: Any) -> UserModel:
-    """A ``UserModel`` from ``model``: the object itself, or ``file.py:factory`` (imported:
-    the caller named it in this invocation)."""
+def resolve_model(model: Any, data: Any = None, batch_size: int | None = None) -> UserModel:
+    """A ``UserModel`` from ``model``: the object itself, ``file.py:factory`` (imported:
+    the caller named it in this invocation), or ``hf:PATH``, a local Hugging Face model
+    trained on the text files ``data`` in batches of ``batch_size`` (see
+    ``coqat.workloads.hf``)."""
+    if isinstance(model, str) and model.startswith(HF_PREFIX):
+        return hf_user_model(model[len(HF_PREFIX):], data, batch_size=batch_size)
+    if data is not None:
+        raise CoqatError("data (--data) goes with an hf:PATH model; a UserModel or a"
+                         " file.py:factory brings its own data")
     if isinstance(model, UserModel):
         return model
     if isinstance(model, str):
         return load_user_model(model)
-    raise CoqatError(f"model must be a coqat.UserModel or 'file.py:factory' (got"
+    raise CoqatError(f"model must be a coqat.UserModel, 'file.py:factory' or 'hf:PATH' (got"
                      f" {type(model).__name__})")
 
 
-def use_model(model: Any) -> UserModel:
+def use_model(model: Any, data: Any = None, batch_size: int | None = None) -> UserModel:
     """Resolve ``model`` and make it available to this process's runs."""
-    user = resolve_model(model)
+    user = resolve_model(model, data, batch_size)
     use_user_model(user)
     return user
+
+
+def _hf_batch(model: Any, space: Any, batch_size: int | None) -> int | None:
+    """The batch size of an hf: model's batches: the run's (the option, else the space's
+    [train] batch_size), so that config.json records the batches the run saw."""
+    if batch_size is not None or not (isinstance(model, str) and model.startswith(HF_PREFIX)):
+        return batch_size
+    return space_for_workload({"name": "user:hf"}, "hf", space).train.batch_size
 
 
 def _user_space(user: UserModel, space: Any) -> SearchSpace:
@@ -111,12 +128,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def model_and_inputs(space: str | Path | None = None, model: Any = None,
                      input_shape: str | Sequence[int] | None = None,
-                     data_dir: str | None = None):
+                     data_dir: str | None = None, data: Any = None):
     """(model, example inputs, space or None, label) of a space's model or a user model.
 
     ``model``: a UserModel (or ``file.py:factory`` returning one): the example inputs are its
-    first training batch's; or an ``nn.Module`` (or a factory returning one) with
-    ``input_shape`` for random float inputs (vision models)."""
+    first training batch's; or ``hf:PATH`` with its text ``data``; or an ``nn.Module`` (or a
+    factory returning one) with ``input_shape`` for random float inputs (vision models)."""
+    if data is not None or (isinstance(model, str) and model.startswith(HF_PREFIX)):
+        model = resolve_model(model, data)
     if model is not None:
         label = model if isinstance(model, str) else type(model).__name__
         m = model
@@ -160,9 +179,9 @@ def model_and_inputs(space: str | Path | None = None, model: Any = None,
 
 def bops(space: str | Path | None = None, model: Any = None,
          input_shape: str | Sequence[int] | None = None, bits: str | None = None,
-         data_dir: str | None = None) -> BopsReport:
+         data_dir: str | None = None, data: Any = None) -> BopsReport:
     """Per-layer MACs / BOPs for a space's model or a user model (``coqat bops``)."""
-    m, inputs, sp, label = model_and_inputs(space, model, input_shape, data_dir)
+    m, inputs, sp, label = model_and_inputs(space, model, input_shape, data_dir, data)
     cost = CostModel.from_model(m, inputs)
     pinned: dict[str, LayerBits] = {}
     if sp is not None:
@@ -199,34 +218,41 @@ def quantize_(model: nn.Module, config: BitConfig | str | Path,
 
 
 # ----- training and search ------------------------------------------------------------------------
-def _config(space: Any, options: dict[str, Any], model: Any = None) -> RunConfig:
+def _config(space: Any, options: dict[str, Any], model: Any = None,
+            data: Any = None) -> RunConfig:
     if isinstance(space, RunConfig):
         if options or model is not None:
             raise CoqatError("give options either in the RunConfig or as keywords, not both")
         return space
-    if model is not None:
-        space = _user_space(use_model(model), space)
+    if model is not None or data is not None:
+        # an hf: model is batched here, so the batch size option applies to its batches
+        batch = _hf_batch(model, space, options.get("batch_size"))
+        space = _user_space(use_model(model, data, batch), space)
     elif space is None:
         space = DEFAULT_SPACE
     return RunConfig.from_options(space, **options)
 
 
 def train(space: str | Path | SearchSpace | RunConfig | None = None, bits: Any = "fp",
-          model: Any = None, **options: Any) -> RunRecord:
+          model: Any = None, data: Any = None, **options: Any) -> RunRecord:
     """Train full precision (``bits="fp"``), uniform (``"w4a4"``) or a given configuration
     (a BitConfig or a bitconfig.json path); writes a run directory (``coqat train``).
 
-    ``model``: your own model (a UserModel or ``file.py:factory``); ``space`` is then an
-    optional space file with [train] and [search] tables and no [workload]."""
-    _, rec = runner.run_train(_config(space, options, model), bits)
+    ``model``: your own model (a UserModel, ``file.py:factory`` or ``hf:PATH`` with its
+    text files in ``data``); ``space`` is then an optional space file with [train] and
+    [search] tables and no [workload]."""
+    _, rec = runner.run_train(_config(space, options, model, data), bits)
     return rec
 
 
-def resume(run_dir: str | Path, progress: bool = True, model: Any = None) -> RunRecord:
+def resume(run_dir: str | Path, progress: bool = True, model: Any = None,
+           data: Any = None) -> RunRecord:
     """Continue an interrupted run where it stopped, bit for bit (``coqat train --resume``).
-    A run of your own model needs the same ``model`` again."""
+    A run of your own model needs the same ``model`` (and ``data``) again."""
     if model is not None:
-        use_model(model)
+        run = RunDir.open(run_dir)  # an hf: model is batched as the run recorded it
+        recorded = run_config_from_json(run.read_json(CONFIG), str(run.file(CONFIG)))
+        use_model(model, data, recorded.train.batch_size)
     _, rec = runner.resume(run_dir, progress=progress)
     return rec
 
@@ -234,11 +260,11 @@ def resume(run_dir: str | Path, progress: bool = True, model: Any = None) -> Run
 def search(space: str | Path | SearchSpace | RunConfig | None = None, budget: str = "w4a4",
            method: str = "gumbel", baselines: Sequence[str] = (), target: str | None = None,
            final_qat: bool = True, say: Callable[[str], None] | None = None,
-           model: Any = None, **options: Any) -> list[RunRecord]:
+           model: Any = None, data: Any = None, **options: Any) -> list[RunRecord]:
     """Search per-layer bits under ``budget`` with ``method``, then QAT-train and evaluate
     the result; each of ``baselines`` runs at the same budget with the identical final QAT
     (``coqat search``). Returns the method's record first, then the baselines'."""
-    return run_searches(_config(space, options, model), budget, [method, *baselines],
+    return run_searches(_config(space, options, model, data), budget, [method, *baselines],
                         target=target, final_qat=final_qat, say=say)
 
 
@@ -246,7 +272,7 @@ def frontier(space: str | Path | SearchSpace | None = None, budgets: Sequence[st
              seeds: int = 3, methods: Sequence[str] = ("gumbel", "uniform"),
              storage: str | None = None, workers: int = 1, name: str | None = None,
              out: str | Path = "runs", steps_scale: float = 1.0, target: str | None = None,
-             device: str = "auto", run: bool = True, model: Any = None,
+             device: str = "auto", run: bool = True, model: Any = None, data: Any = None,
              on_progress: Callable[[dict[str, int], float], None] | None = None,
              **train_options: Any) -> Report:
     """The accuracy-vs-compute frontier: one search per budget x seed x method, as a shared
@@ -259,12 +285,17 @@ def frontier(space: str | Path | SearchSpace | None = None, budgets: Sequence[st
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise CoqatError(f"workers must be an integer >= 1 (got {workers!r})")
     model_ref = None
-    if model is not None:
+    if model is not None or data is not None:
         if workers > 1 and not isinstance(model, str):
             raise CoqatError("several workers need the model as 'file.py:factory' (each worker"
                              " imports it); a model object works with workers=1")
+        if workers > 1 and isinstance(model, str) and model.startswith(HF_PREFIX):
+            raise CoqatError("several workers cannot share an hf: model yet; use workers=1,"
+                             " or a file.py:factory that returns coqat.workloads.hf."
+                             "hf_user_model(...)")
         model_ref = model if isinstance(model, str) else None
-        space = _user_space(use_model(model), space)
+        batch = _hf_batch(model, space, train_options.get("batch_size"))
+        space = _user_space(use_model(model, data, batch), space)
     elif space is None:
         space = DEFAULT_SPACE
     study, manifest, sweep_dir = sweep.create_or_resume(
@@ -279,12 +310,15 @@ def frontier(space: str | Path | SearchSpace | None = None, budgets: Sequence[st
 
 
 def work_on(storage: str, study: str, out: str | Path = "runs",
-            max_points: int | None = None, model: Any = None) -> int:
+            max_points: int | None = None, model: Any = None, data: Any = None) -> int:
     """Join a frontier sweep from another process or machine (``coqat worker``); returns
-    the number of points this worker ran. A sweep of your own model needs ``model`` again."""
-    if model is not None:
-        use_model(model)
+    the number of points this worker ran. A sweep of your own model needs ``model`` (and
+    ``data``) again."""
     st, manifest = sweep.load_study(storage, study)
+    if model is not None:
+        batch = manifest.train.get("batch_size") or \
+            (manifest.space.get("train") or {}).get("batch_size")
+        use_model(model, data, batch)
     return sweep.work(st, manifest, Path(out) / manifest.study, max_points=max_points)
 
 
@@ -294,7 +328,7 @@ _RUN_OPTIONS = ("device", "data_dir", "progress")
 
 
 def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model: Any = None,
-                run: str | Path | None = None, bits: str | Sequence[int] | None = None,
+                data: Any = None, run: str | Path | None = None, bits: str | Sequence[int] | None = None,
                 batches: int = 8, batch_size: int | None = None, weights: str = "auto",
                 save: str | Path | None = None,
                 on_cell: Callable[[int, int], None] | None = None,
@@ -335,7 +369,7 @@ def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model
             raise CoqatError(f"a run is measured with its own settings; leave out"
                              f" {', '.join(extra)}")
         if model is not None:
-            use_model(model)
+            use_model(model, data)
         rd = RunDir.open(run)
         if not rd.finished or not rd.has("model.safetensors"):
             raise CoqatError(f"{rd.path} has no final weights (the run has not finished);"
@@ -354,7 +388,7 @@ def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model
             notes.append("the run was trained quantized; its weights are measured here with"
                          " every other layer in float")
     else:
-        config = _config(space, options, model)
+        config = _config(space, options, model, data)
         if weights == "auto":
             weights = "given" if model is not None else "fp-phase"
         if weights == "fp-phase":
@@ -405,32 +439,33 @@ def report(path: str | Path, out: str | Path | None = None, html: bool = True
 
 
 def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None,
-           approx: bool = False, model: Any = None, check_batches: int = 2) -> ExportResult:
+           approx: bool = False, model: Any = None, data: Any = None,
+           check_batches: int = 2) -> ExportResult:
     """Export a finished run to onnx | compressed-tensors | torchao | json (``coqat export``),
     then load the files in their real consumer (onnxruntime, transformers, torchao) and
     compare the metric on ``check_batches`` batches (0: no check). A run of your own model
-    needs the same ``model`` again."""
+    needs the same ``model`` (and ``data``) again."""
     if model is not None:
-        use_model(model)
+        use_model(model, data)
     return export_run(run_dir, format, out, approx=approx, check_batches=check_batches)
 
 
 def explain_export(run_dir: str | Path, format: str = "onnx", approx: bool = False,
-                   model: Any = None) -> list[str]:
+                   model: Any = None, data: Any = None) -> list[str]:
     """Every reason an export of the run to ``format`` would be refused (empty: it would
     be written), the decisive one first; nothing is written."""
     if model is not None:
-        use_model(model)
+        use_model(model, data)
     return explain_run(run_dir, format, approx)
 
 
 def deploy(run_dir: str | Path, format: str = "packed", out: str | Path | None = None,
            max_batches: int | None = None, progress: Callable[[str], None] | None = None,
-           model: Any = None) -> DeployReport:
+           model: Any = None, data: Any = None) -> DeployReport:
     """Pack the codes, evaluate the packed model, compare its size with FP32 (``coqat
-    deploy``). A run of your own model needs the same ``model`` again."""
+    deploy``). A run of your own model needs the same ``model`` (and ``data``) again."""
     if model is not None:
-        use_model(model)
+        use_model(model, data)
     return deploy_run(run_dir, format, out, max_batches, progress=progress)
 
 

@@ -37,11 +37,16 @@ err_console = Console(stderr=True, markup=False)
 # ----- options shared by several commands (one definition, one help text) -------------------
 SpaceOpt = Annotated[Optional[str], typer.Option(
     "--space", "-s", help="search space: a TOML file or a shipped name (lm-tiny,"
-    " fashion-resnet, lm-30m); with --model, a TOML of [train]/[search] tables (default:"
+    " fashion-resnet, lm-30m, minilm-topics, smollm2-wiki); with --model, a TOML of"
+    " [train]/[search] tables (default:"
     " lm-tiny, or every layer searchable for --model)")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", help="your own model: path/to/file.py:factory, where factory() returns a"
-    " coqat.UserModel (model, data, loss, metric); see README 'Your own model'")]
+    " coqat.UserModel (model, data, loss, metric), or hf:PATH, a local Hugging Face model"
+    " folder (with --data); see README 'Your own model'")]
+DataOpt = Annotated[Optional[list[str]], typer.Option(
+    "--data", help="text for an hf:PATH model: a .txt (paragraphs) or .jsonl (\"text\", and"
+    " \"label\" for a classifier) file or a folder of them; repeat for several")]
 StepsOpt = Annotated[Optional[int], typer.Option(
     "--steps", help="optimizer steps of the (final) training (default: the space's)")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate")]
@@ -111,15 +116,17 @@ def bops(
         "--space", "-s", help="search space: a TOML file or a shipped name")] = None,
     model: Annotated[Optional[str], typer.Option(
         "--model", help="your own model: path/to/file.py:factory returning a coqat.UserModel"
-        " (or an nn.Module, with --input-shape)")] = None,
+        " (or an nn.Module, with --input-shape), or hf:PATH (a local Hugging Face model, with"
+        " --data)")] = None,
     input_shape: Annotated[Optional[str], typer.Option(
         "--input-shape", help="input shape for --model, e.g. 1,3,224,224")] = None,
+    data: DataOpt = None,
     bits: Annotated[Optional[str], typer.Option(
         "--bits", help="also show per-layer BOPs at these bits (wNaM or bitconfig.json)")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer MACs and BOPs (fvcore MACs x weight bits x activation bits)."""
-    rep = coqat.bops(space=space, model=model, input_shape=input_shape, bits=bits)
+    rep = coqat.bops(space=space, model=model, input_shape=input_shape, bits=bits, data=data)
     if json_out:
         _emit_json(rep.to_dict())
         return
@@ -170,6 +177,7 @@ def _say(text: str, style: str | None = None) -> None:
 def train(
     space: SpaceOpt = None,
     model: ModelOpt = None,
+    data: DataOpt = None,
     bits: Annotated[str, typer.Option(
         "--bits", "-b", help="fp, uniform wNaM (e.g. w4a4) or a bitconfig.json")] = "fp",
     quantizer: QuantizerOpt = None, steps: StepsOpt = None, lr: LrOpt = None,
@@ -192,14 +200,15 @@ def train(
         given = _non_defaults(locals(), {"bits": "fp", "seed": 0, "device": "auto",
                                          "out": "runs"},
                               skip=("resume", "quiet", "json_out", "progress", "DistEnv",
-                                    "model"))
+                                    "model", "data"))
         if given:
             raise CoqatError(f"--resume continues a run with its own settings; leave out"
                              f" {', '.join('--' + g.replace('_', '-') for g in given)}")
-        rec = coqat.resume(resume, progress=progress, model=model)
+        rec = coqat.resume(resume, progress=progress, model=model, data=data)
     else:
-        rec = coqat.train(space, bits, model=model, quantizer=quantizer, steps=steps, lr=lr,
-                          batch_size=batch_size, qat_fraction=_qat_fraction(qat_fraction),
+        rec = coqat.train(space, bits, model=model, data=data, quantizer=quantizer,
+                          steps=steps, lr=lr, batch_size=batch_size,
+                          qat_fraction=_qat_fraction(qat_fraction),
                           fuse_cooldown=fuse_cooldown, optimizer=optimizer,
                           cage_lambda=cage_lambda, cage_silence=cage_silence,
                           cage_schedule=cage_schedule, kernels=kernels, seed=seed,
@@ -239,6 +248,7 @@ def search(
         " 0.02 (share of FP32)")],
     space: SpaceOpt = None,
     model: ModelOpt = None,
+    data: DataOpt = None,
     method: Annotated[str, typer.Option("--method", "-m", help="gumbel | optuna | random |"
                                         " uniform | sensitivity")] = "gumbel",
     baselines: Annotated[str, typer.Option(
@@ -267,8 +277,8 @@ def search(
     say = (lambda msg: _say(msg, style="dim")) if progress else None
     records = coqat.search(
         space, budget, method, baselines=[b for b in others if b != method], target=target,
-        final_qat=not no_train, say=say, model=model, steps=steps, lr=lr, batch_size=batch_size,
-        quantizer=quantizer, qat_fraction=_qat_fraction(qat_fraction),
+        final_qat=not no_train, say=say, model=model, data=data, steps=steps, lr=lr,
+        batch_size=batch_size, quantizer=quantizer, qat_fraction=_qat_fraction(qat_fraction),
         fuse_cooldown=fuse_cooldown, optimizer=optimizer, cage_lambda=cage_lambda,
         cage_silence=cage_silence, kernels=kernels, seed=seed, device=device,
         data_dir=data_dir, out=out, progress=progress, fp_steps=fp_steps,
@@ -309,10 +319,16 @@ def _print_search(records) -> None:
 
 
 # ----------------------------------------------------------------------------- sensitivity
+def _model_label(model: str) -> str:
+    """A short name for --model: the folder of hf:PATH, the file stem of file.py:factory."""
+    if model.startswith("hf:"):
+        return Path(model[3:].rstrip("/")).name or "hf"
+    return Path(model.split(":")[0]).stem
 @app.command()
 def sensitivity(
     space: SpaceOpt = None,
     model: ModelOpt = None,
+    data: DataOpt = None,
     run: Annotated[Optional[Path], typer.Option(
         "--run", help="measure a finished run's weights (runs/<name>); its space and seed"
         " come with it")] = None,
@@ -363,13 +379,12 @@ def sensitivity(
         spinner[0].update(f"sensitivity: {done}/{total} forward passes ...")
 
     if to is None and run is None:
-        label = Path(space).stem if space else Path(model.split(":")[0]).stem if model \
-            else "lm-tiny"
+        label = (Path(space).stem if space else _model_label(model) if model else "lm-tiny")
         to = Path(out) / f"sensitivity-{label}-s{seed}"
     dest = to if to is not None else run
     try:
-        table = coqat.sensitivity(space, model=model, run=run, bits=bits, batches=batches,
-                                  batch_size=batch_size, weights=weights, save=dest,
+        table = coqat.sensitivity(space, model=model, data=data, run=run, bits=bits,
+                                  batches=batches, batch_size=batch_size, weights=weights, save=dest,
                                   on_cell=show if progress else None,
                                   say=(lambda msg: _say(msg, style="dim")) if progress
                                   else None, **options)
@@ -395,6 +410,7 @@ def frontier(
         " (each checked before any point runs)")],
     space: SpaceOpt = None,
     model: ModelOpt = None,
+    data: DataOpt = None,
     seeds: Annotated[int, typer.Option("--seeds", help="seeds 0..N-1 per budget and"
                                        " method")] = 3,
     methods: Annotated[str, typer.Option(
@@ -432,7 +448,7 @@ def frontier(
                          storage=storage, workers=workers, name=name, out=out,
                          steps_scale=steps_scale if steps_scale is not None else 1.0,
                          target=target, device=device, run=not no_run, on_progress=show,
-                         model=model, optimizer=optimizer)
+                         model=model, data=data, optimizer=optimizer)
     if no_run:
         m = rep.manifest
         _say(f"study {m.get('study')} in {queue.redact(str(m.get('storage')))}:"
@@ -474,9 +490,10 @@ def worker(
     max_points: Annotated[Optional[int], typer.Option(
         "--max-points", help="stop after running this many points")] = None,
     model: ModelOpt = None,
+    data: DataOpt = None,
 ) -> None:
     """Join a frontier sweep from another process or machine and work until it is done."""
-    n = coqat.work_on(storage, study, out, max_points, model=model)
+    n = coqat.work_on(storage, study, out, max_points, model=model, data=data)
     _say(f"worker finished: ran {n} point(s) of {study}")
 
 
@@ -520,13 +537,14 @@ def export(
         "--explain", help="list every reason the export would be refused; write nothing")]
     = False,
     model: ModelOpt = None,
+    data: DataOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a run's per-layer bit configuration and weights to a deployment format."""
     from coqat.api import explain_export
 
     if explain:
-        problems = explain_export(run, fmt, approx, model=model)
+        problems = explain_export(run, fmt, approx, model=model, data=data)
         if json_out:
             _emit_json({"format": fmt, "problems": problems})
             return
@@ -538,11 +556,12 @@ def export(
     if check_batches < 0:
         raise CoqatError(f"--check-batches {check_batches} must be >= 0")
     if json_out:
-        _emit_json(coqat.export(run, fmt, out, approx, model=model,
+        _emit_json(coqat.export(run, fmt, out, approx, model=model, data=data,
                                 check_batches=check_batches).to_dict())
         return
     with console.status(f"exporting to {fmt} ...", spinner="dots"):
-        result = coqat.export(run, fmt, out, approx, model=model, check_batches=check_batches)
+        result = coqat.export(run, fmt, out, approx, model=model, data=data,
+                              check_batches=check_batches)
     kind = "exact" if result.exact else "approximate"
     _say(f"{result.format} export of {result.run_dir} ({kind}) written to {result.out_dir}")
     t = Table(box=None, pad_edge=False, show_header=False)
@@ -567,14 +586,15 @@ def deploy(
     max_batches: Annotated[Optional[int], typer.Option(
         "--max-batches", help="evaluate on this many batches (default: the whole split)")] = None,
     model: ModelOpt = None,
+    data: DataOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Build the packed model, evaluate it and report its metric and size against FP32."""
     if json_out:
-        _emit_json(coqat.deploy(run, fmt, out, max_batches, model=model).to_dict())
+        _emit_json(coqat.deploy(run, fmt, out, max_batches, model=model, data=data).to_dict())
         return
     with console.status("building the deployed model ...", spinner="dots") as status:
-        rep = coqat.deploy(run, fmt, out, max_batches, model=model,
+        rep = coqat.deploy(run, fmt, out, max_batches, model=model, data=data,
                            progress=lambda msg: status.update(f"{msg} ..."))
     _print_deploy(rep)
 

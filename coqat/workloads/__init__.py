@@ -8,6 +8,8 @@ from coqat.workloads.base import (SPLITS, Workload, batch_items, get_workload, l
 
 # Built-ins register themselves on import. Keep this list in sync with the files here.
 from coqat.workloads import lm, fashion, digits  # noqa: E402,F401
+# pretrained tracks (transformers is imported only when one is used)
+from coqat.workloads import minilm, smollm2  # noqa: E402,F401
 from coqat.workloads.user import UserModel, UserWorkload, load_user_model, use_user_model  # noqa: E402
 
 __all__ = ["SPLITS", "UserModel", "UserWorkload", "Workload", "batch_items", "get_workload",
