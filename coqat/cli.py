@@ -66,6 +66,8 @@ CageScheduleOpt = Annotated[Optional[str], typer.Option(
     "--cage-schedule", help="linear (ramp to lambda) | constant")]
 KernelsOpt = Annotated[Optional[str], typer.Option(
     "--kernels", help="auto (Triton on CUDA) | triton | reference (torch)")]
+CompileOpt = Annotated[Optional[str], typer.Option(
+    "--compile", help="torch.compile the training step: auto (on CUDA only) | on | off")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed of init, data order and search")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 DataDirOpt = Annotated[Optional[str], typer.Option(
@@ -184,7 +186,8 @@ def train(
     batch_size: BatchOpt = None, qat_fraction: QatFractionOpt = None,
     fuse_cooldown: FuseOpt = None, optimizer: OptimizerOpt = None,
     cage_lambda: CageLambdaOpt = None, cage_silence: CageSilenceOpt = None,
-    cage_schedule: CageScheduleOpt = None, kernels: KernelsOpt = None, seed: SeedOpt = 0,
+    cage_schedule: CageScheduleOpt = None, kernels: KernelsOpt = None,
+    compile: CompileOpt = None, seed: SeedOpt = 0,
     device: DeviceOpt = "auto", data_dir: DataDirOpt = None, out: OutOpt = "runs",
     name: Annotated[Optional[str], typer.Option("--name", help="run name (default:"
                                                 " derived)")] = None,
@@ -211,7 +214,8 @@ def train(
                           qat_fraction=_qat_fraction(qat_fraction),
                           fuse_cooldown=fuse_cooldown, optimizer=optimizer,
                           cage_lambda=cage_lambda, cage_silence=cage_silence,
-                          cage_schedule=cage_schedule, kernels=kernels, seed=seed,
+                          cage_schedule=cage_schedule, kernels=kernels,
+                          compile=_compile_flag(compile), seed=seed,
                           device=device, data_dir=data_dir, out=out, name=name,
                           progress=progress)
     if not DistEnv.from_env().is_main:  # under torchrun only rank 0 reports
@@ -267,6 +271,7 @@ def search(
     qat_fraction: QatFractionOpt = None, fuse_cooldown: FuseOpt = None,
     optimizer: OptimizerOpt = None, cage_lambda: CageLambdaOpt = None,
     cage_silence: CageSilenceOpt = None, kernels: KernelsOpt = None,
+    compile: CompileOpt = None,
     device: DeviceOpt = "auto", data_dir: DataDirOpt = None, out: OutOpt = "runs",
     quiet: QuietOpt = False, json_out: JsonOpt = False,
 ) -> None:
@@ -280,7 +285,8 @@ def search(
         final_qat=not no_train, say=say, model=model, data=data, steps=steps, lr=lr,
         batch_size=batch_size, quantizer=quantizer, qat_fraction=_qat_fraction(qat_fraction),
         fuse_cooldown=fuse_cooldown, optimizer=optimizer, cage_lambda=cage_lambda,
-        cage_silence=cage_silence, kernels=kernels, seed=seed, device=device,
+        cage_silence=cage_silence, kernels=kernels, compile=_compile_flag(compile),
+        seed=seed, device=device,
         data_dir=data_dir, out=out, progress=progress, fp_steps=fp_steps,
         search_steps=search_steps)
     if json_out:
@@ -316,6 +322,16 @@ def _print_search(records) -> None:
         _say(f"repair: {rep['from_bops'] / 1e9:.4g} -> {rep['to_bops'] / 1e9:.4g} GBOPs,"
              f" {rep['layers_changed']} layer(s) changed{lost}; 'searchable' = share of the"
              " budget left after attention and pinned layers", style="dim")
+
+
+def _compile_flag(value: str | None) -> bool | str | None:
+    """--compile auto | on | off as TrainSettings.compile ("auto", True, False)."""
+    if value is None:
+        return None
+    flags = {"auto": "auto", "on": True, "off": False}
+    if value not in flags:
+        raise CoqatError(f"--compile {value!r} is not a choice; use auto, on or off")
+    return flags[value]
 
 
 # ----------------------------------------------------------------------------- sensitivity

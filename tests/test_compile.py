@@ -9,6 +9,9 @@ they run on the CPU. The GPU test does the same with the Triton kernels attached
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +175,15 @@ def test_qat_step_on_the_triton_kernels_compiles_without_graph_breaks():
     flat = torch.cat([g.float().flatten() for g in grads])
     flat_c = torch.cat([g.float().flatten() for g in grads_c])
     assert float((flat_c - flat).norm() / flat.norm()) < 0.15
+
+
+def test_cli_compile_flag_reaches_the_run_config_and_bad_values_exit_2(tmp_path):
+    from conftest import DIGITS, assert_one_line_error, cli_json, run_cli
+
+    proc = run_cli("train", "--space", DIGITS, "--steps", "2", "--compile", "maybe",
+                   "--out", str(tmp_path), "-q")
+    assert_one_line_error(proc, "--compile 'maybe'", "auto, on or off")
+    rec = cli_json("train", "--space", DIGITS, "--steps", "2", "--compile", "off",
+                   "--out", str(tmp_path))
+    config = json.loads((Path(rec["run_dir"]) / "config.json").read_text())
+    assert config["settings"]["compile"] is False
