@@ -454,12 +454,14 @@ def frontier(
     if steps_scale is not None and not (math.isfinite(steps_scale) and steps_scale > 0):
         raise CoqatError(f"--steps-scale {steps_scale} must be a number > 0 (e.g. 0.25 for a"
                          " quick sweep)")
+    grid = len([b for b in budgets.split(",") if b.strip()]) * seeds * \
+        len([m for m in methods.split(",") if m.strip()])
     show = _progress_printer() if not json_out else None
     if not json_out and not no_run:
-        grid = len([b for b in budgets.split(",") if b.strip()]) * seeds * \
-            len([m for m in methods.split(",") if m.strip()])
-        _say(f"frontier: {grid} points; the same command resumes the sweep if it stops, and"
-             f" other machines can join with coqat worker (see --storage)", style="dim")
+        eta = _sweep_estimate(space, model, out, grid, workers, steps_scale)
+        _say(f"frontier: {grid} points; {eta}; the same command"
+             f" resumes the sweep if it stops, and other machines can join with coqat"
+             f" worker (see --storage)", style="dim")
     rep = coqat.frontier(space, budgets.split(","), seeds=seeds, methods=methods.split(","),
                          storage=storage, workers=workers, name=name, out=out,
                          steps_scale=steps_scale if steps_scale is not None else 1.0,
@@ -479,18 +481,58 @@ def frontier(
     _say(f"report written to {files['html']}")
 
 
+def _sweep_estimate(space: Optional[str], model: Optional[str], out: str, points: int,
+                    workers: int, steps_scale: Optional[float]) -> str:
+    """'about T with W workers (from N earlier runs ...)', or why there is no figure yet."""
+    from coqat.config import DEFAULT_SPACE, load_space
+    from coqat.sweep.frontier import estimate
+
+    if model is not None:
+        return "time: an estimate follows the first finished points"
+    try:
+        sp = load_space(space or DEFAULT_SPACE)
+    except CoqatError:
+        return "time: an estimate follows the first finished points"  # reported below
+    est = estimate(out, sp, points, steps_scale or 1.0)
+    if est is None:
+        return (f"time: no finished {sp.name} run under {out} to estimate from yet (run"
+                f" coqat search once); an estimate follows the first finished points")
+    total = _duration(est.total_s(1))
+    par = "" if workers <= 1 else (f", at best {_duration(est.total_s(workers))} with"
+                                   f" {workers} workers if they do not share cores")
+    return (f"about {_duration(est.point_s)} a point, {total} with one worker{par} (from"
+            f" {est.runs_seen} earlier {sp.name} run(s) under {out}; points already finished"
+            f" are skipped)")
+
+
+def _duration(seconds: float) -> str:
+    mins = int(round(seconds / 60))
+    if mins < 1:
+        return f"{int(seconds)} s"
+    if mins < 60:
+        return f"{mins} min"
+    return f"{mins // 60} h {mins % 60:02d} min"
+
+
 def _progress_printer():
     """Progress of a sweep's workers: a bar on a terminal, one line per finished point in
-    logs and pipes."""
-    state: dict[str, Any] = {"last": -1}
+    logs and pipes, with an estimate of the time left from the points finished so far."""
+    state: dict[str, Any] = {"last": -1, "first": None}
 
     def show(prog: dict[str, int], elapsed: float) -> None:
         if prog["complete"] == state["last"]:
             return
+        if state["first"] is None:
+            state["first"] = prog["complete"]  # finished before this command: not timed
         state["last"] = prog["complete"]
         mins, secs = divmod(int(elapsed), 60)
+        done_here = prog["complete"] - state["first"]
+        left = ""
+        if done_here > 0 and prog["total"] > prog["complete"]:
+            rest = elapsed / done_here * (prog["total"] - prog["complete"])
+            left = f", about {_duration(rest)} left"
         _say(f"frontier: {prog['complete']}/{prog['total']} points done, {prog['running']}"
-             f" running, {mins}:{secs:02d} elapsed")
+             f" running, {mins}:{secs:02d} elapsed{left}")
 
     return show
 

@@ -252,3 +252,30 @@ def test_reduced_lm_tiny_frontier_runs_search_and_uniform_end_to_end(tmp_path):
     assert rep["pareto_front"] and rep["search"]
     assert (sweep / "report.html").is_file()
     assert any(sweep.glob("*.png"))
+
+
+def test_time_estimate_comes_from_earlier_runs_of_the_same_space(tmp_path):
+    from coqat.config import load_space
+    from conftest import train_run
+
+    space = load_space(DIGITS)
+    assert fr.estimate(tmp_path, space, points=6) is None          # nothing to go by yet
+    _, rec = train_run(DIGITS, tmp_path, bits="w4a4", steps=4)
+    est = fr.estimate(tmp_path, space, points=6, steps_scale=0.5)
+    assert est is not None and est.runs_seen == 1 and est.points == 6
+    expect = rec.wall_s / rec.steps * round(space.train.steps * 0.5)
+    assert est.point_s == pytest.approx(expect)
+    assert est.total_s(2) == pytest.approx(est.total_s(1) / 2)
+    other = load_space(FIXTURES / "lm-micro.toml")
+    assert fr.estimate(tmp_path, other, points=6) is None           # another space's runs
+
+
+def test_sweep_progress_lines_estimate_the_time_left_from_points_finished_here(capsys):
+    from coqat.cli import _progress_printer
+
+    show = _progress_printer()
+    show({"complete": 2, "total": 10, "running": 1}, 5.0)     # 2 finished before: not timed
+    show({"complete": 4, "total": 10, "running": 1}, 120.0)   # 2 points in 2 min -> 6 left
+    lines = capsys.readouterr().out.splitlines()
+    assert "left" not in lines[0]
+    assert lines[1].startswith("frontier: 4/10 points done") and "about 6 min left" in lines[1]

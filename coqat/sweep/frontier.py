@@ -329,3 +329,46 @@ def run_workers(manifest: Manifest, sweep_dir: Path, workers: int,
         raise CoqatError(f"{prog['total'] - prog['complete']} point(s) of {manifest.study} did"
                          f" not finish (worker exit codes {failed}); see the trials' 'error'"
                          " user attribute, fix it and run the same command again")
+
+
+# ----- time estimate -----------------------------------------------------------------------
+@dataclass
+class Estimate:
+    """What a sweep will take, from earlier runs of the same space on this machine."""
+
+    point_s: float            # one point with one worker: FP phase share, search, final QAT
+    points: int
+    runs_seen: int            # earlier runs the figure comes from
+
+    def total_s(self, workers: int = 1) -> float:
+        """Serial time / workers: a lower bound when the workers share CPU cores."""
+        return self.point_s * self.points / max(1, workers)
+
+
+def estimate(out: str | Path, space: SearchSpace, points: int, steps_scale: float = 1.0,
+             max_runs: int = 200) -> Estimate | None:
+    """Seconds per point of a frontier over ``space``, from the finished runs of that space
+    under ``out`` (a demo, a search, an earlier sweep): the median of their seconds per
+    training step (the final QAT's wall time plus the search's, over its steps) times the
+    space's steps. None when there is no such run to go by."""
+    from coqat.reporting.runs import find_run_dirs
+
+    root = Path(out)
+    if not root.is_dir():
+        return None
+    per_step: list[float] = []
+    for path in find_run_dirs(root, max_depth=4)[:max_runs]:
+        try:
+            rec = RunRecord.read(RunDir.open(path))
+        except (CoqatError, OSError):
+            continue
+        if rec.space != space.name or rec.method == "fp" or rec.steps <= 0 or rec.wall_s <= 0:
+            continue
+        extra = (rec.search.search_wall_s or 0.0) if rec.search is not None else 0.0
+        per_step.append((rec.wall_s + extra) / rec.steps)
+    if not per_step:
+        return None
+    per_step.sort()
+    median = per_step[len(per_step) // 2]
+    steps = max(1, round(space.train.steps * steps_scale))
+    return Estimate(point_s=median * steps, points=points, runs_seen=len(per_step))
