@@ -478,3 +478,16 @@ def test_cli_infeasible_budget_is_a_one_line_error(runs, budget, needle):
 def test_cli_unknown_method_is_a_one_line_error(runs):
     proc = run_cli("search", "--space", LM_MICRO, "--budget", "w4a4", "--method", "grid")
     assert_one_line_error(proc, "unknown search method", "gumbel")
+
+
+@pytest.mark.parametrize("method", ["gumbel", "uniform"])
+def test_search_quantizer_option_reaches_every_layer_of_the_final_config(runs, method):
+    """Issue #17: ``coqat search --quantizer rtn`` was silently QuEST. The chosen config, the
+    model the final QAT trained and the record all carry the quantizer asked for."""
+    cfg = run_config(LM_MICRO, runs, steps=2, seed=1, fp_steps=2, search_steps=2,
+                     quantizer="rtn")
+    run, rec = run_search(cfg, "w4a4", method)
+    doc = run.read_json("bitconfig.json")
+    quantized = [lb for lb in doc["layers"].values() if lb["status"] != "float"]
+    assert quantized and {lb["quantizer"] for lb in quantized} == {"rtn"}
+    assert math.isfinite(rec.metric)

@@ -39,7 +39,7 @@ from coqat.config import RunConfig, SearchSpace, load_space, parse_space
 from coqat.cost import Budget, CostModel
 from coqat.errors import CoqatError
 from coqat.records import RunRecord
-from coqat.rundir import FRONTIER_MANIFEST, RunDir
+from coqat.rundir import FINAL, FRONTIER_MANIFEST, RunDir
 from coqat.bitsearch.baselines import uniform_at_budget
 from coqat.bitsearch.methods import METHODS
 from coqat.bitsearch.pipeline import run_search
@@ -351,15 +351,15 @@ def estimate(out: str | Path, space: SearchSpace, points: int, steps_scale: floa
     under ``out`` (a demo, a search, an earlier sweep): the median of their seconds per
     training step (the final QAT's wall time plus the search's, over its steps) times the
     space's steps. None when there is no such run to go by."""
-    from coqat.reporting.runs import find_run_dirs
-
     root = Path(out)
     if not root.is_dir():
         return None
+    finals = [f for depth in range(1, 5) for f in sorted(root.glob("*/" * depth + FINAL))
+              if not any(part.startswith(".") for part in f.relative_to(root).parts)]
     per_step: list[float] = []
-    for path in find_run_dirs(root, max_depth=4)[:max_runs]:
+    for final in finals[:max_runs]:
         try:
-            rec = RunRecord.read(RunDir.open(path))
+            rec = RunRecord.read(RunDir.open(final.parent))
         except (CoqatError, OSError):
             continue
         if rec.space != space.name or rec.method == "fp" or rec.steps <= 0 or rec.wall_s <= 0:
