@@ -32,6 +32,7 @@ from coqat.config import (DEFAULT_SPACE, RunConfig, SearchSpace, bits_from_cli, 
                           run_config_from_json, space_for_workload)
 from coqat.cost import CostModel
 from coqat.errors import CoqatError
+from coqat.util import read_json
 from coqat.exporters import explain_export as explain_run
 from coqat.exporters import export_run
 from coqat.exporters.common import ExportResult
@@ -42,7 +43,7 @@ from coqat.optim.planner import plan as make_plan
 from coqat.quant import quantize_model
 from coqat.kernels import use_kernels
 from coqat.records import RunRecord
-from coqat.rundir import CONFIG, RunDir
+from coqat.rundir import CONFIG, FRONTIER_MANIFEST, RunDir
 from coqat.reporting.build import Report, build_report, write_html
 from coqat.bitsearch import run_searches
 from coqat.bitsearch.sensitivity import Sensitivity
@@ -306,6 +307,11 @@ def frontier(space: str | Path | SearchSpace | None = None, budgets: Sequence[st
             sweep.work(study, manifest, sweep_dir)
         else:
             sweep.run_workers(manifest, sweep_dir, workers, on_progress, model_ref=model_ref)
+    if not run and sweep.progress(study, manifest)["complete"] == 0:
+        # a study just created for other workers: nothing to report yet, only the manifest
+        doc = read_json(sweep_dir / FRONTIER_MANIFEST, "a sweep manifest",
+                        "rerun the coqat frontier command that made the sweep")
+        return Report(sweep_dir, [], [], [], [], doc)
     return build_report(sweep_dir)
 
 

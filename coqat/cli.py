@@ -439,8 +439,11 @@ def frontier(
     name: Annotated[Optional[str], typer.Option(
         "--name", help="study name (default: frontier-SPACE)")] = None,
     out: OutOpt = "runs",
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help="final training steps of every point, as on train and search (the"
+        " FP and search phases scale with it)")] = None,
     steps_scale: Annotated[Optional[float], typer.Option(
-        "--steps-scale", help="scale every phase's steps (e.g. 0.25 for a quick"
+        "--steps-scale", help="or: scale every phase's steps (e.g. 0.25 for a quick"
         " sweep)")] = None,
     optimizer: OptimizerOpt = None, target: TargetOpt = None, device: DeviceOpt = "auto",
     no_run: Annotated[bool, typer.Option("--no-run", help="create/extend the study, run"
@@ -454,6 +457,8 @@ def frontier(
     if steps_scale is not None and not (math.isfinite(steps_scale) and steps_scale > 0):
         raise CoqatError(f"--steps-scale {steps_scale} must be a number > 0 (e.g. 0.25 for a"
                          " quick sweep)")
+    if steps is not None:
+        steps_scale = _steps_as_scale(steps, steps_scale, space, model)
     grid = len([b for b in budgets.split(",") if b.strip()]) * seeds * \
         len([m for m in methods.split(",") if m.strip()])
     show = _progress_printer() if not json_out else None
@@ -479,6 +484,21 @@ def frontier(
         return
     print_terminal(rep, console)
     _say(f"report written to {files['html']}")
+
+
+def _steps_as_scale(steps: int, steps_scale: Optional[float], space: Optional[str],
+                    model: Optional[str]) -> float:
+    """frontier --steps N as the sweep's step scale: N over the space's steps."""
+    from coqat.config import DEFAULT_SPACE, load_space
+
+    if steps_scale is not None:
+        raise CoqatError("give --steps or --steps-scale, not both")
+    if steps < 1:
+        raise CoqatError(f"--steps {steps} must be a positive integer")
+    if model is not None and space is None:
+        raise CoqatError("--steps needs the space whose steps it replaces; with --model"
+                         " and no --space use --steps-scale")
+    return steps / load_space(space or DEFAULT_SPACE).train.steps
 
 
 def _sweep_estimate(space: Optional[str], model: Optional[str], out: str, points: int,

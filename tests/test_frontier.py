@@ -279,3 +279,20 @@ def test_sweep_progress_lines_estimate_the_time_left_from_points_finished_here(c
     lines = capsys.readouterr().out.splitlines()
     assert "left" not in lines[0]
     assert lines[1].startswith("frontier: 4/10 points done") and "about 6 min left" in lines[1]
+
+
+def test_frontier_steps_means_final_steps_as_on_train_and_search(tmp_path):
+    import json
+
+    from coqat.config import load_space
+
+    proc = run_cli("frontier", "--space", DIGITS, "--budgets", "w4a4", "--steps", "3",
+                   "--steps-scale", "0.5", "--out", str(tmp_path), "--no-run")
+    assert_one_line_error(proc, "--steps or --steps-scale")
+    proc = run_cli("frontier", "--space", DIGITS, "--budgets", "w4a4", "--seeds", "1",
+                   "--methods", "uniform", "--steps", "3", "--name", "st",
+                   "--out", str(tmp_path), "--no-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads(next(tmp_path.rglob("frontier.json")).read_text())
+    scale = manifest.get("steps_scale", manifest.get("manifest", {}).get("steps_scale"))
+    assert round(load_space(DIGITS).train.steps * scale) == 3
