@@ -234,15 +234,40 @@ def _config(space: Any, options: dict[str, Any], model: Any = None,
     return RunConfig.from_options(space, **options)
 
 
-def train(space: str | Path | SearchSpace | RunConfig | None = None, bits: Any = "fp",
-          model: Any = None, data: Any = None, **options: Any) -> RunRecord:
-    """Train full precision (``bits="fp"``), uniform (``"w4a4"``) or a given configuration
-    (a BitConfig or a bitconfig.json path); writes a run directory (``coqat train``).
+def train(space: str | Path | SearchSpace | RunConfig | None = None, bits: Any = None,
+          model: Any = None, data: Any = None, *, stop_at: int | None = None,
+          branch_from: str | Path | None = None, **options: Any) -> RunRecord:
+    """Train full precision (``bits="fp"``, the default), uniform (``"w4a4"``) or a given
+    configuration (a BitConfig or a bitconfig.json path); writes a run directory (``coqat
+    train``).
 
     ``model``: your own model (a UserModel, ``file.py:factory`` or ``hf:PATH`` with its
     text files in ``data``); ``space`` is then an optional space file with [train] and
-    [search] tables and no [workload]."""
-    _, rec = runner.run_train(_config(space, options, model, data), bits)
+    [search] tables and no [workload].
+
+    ``stop_at``: stop after that many steps, the schedules still spanning ``steps`` (a
+    trunk to branch from). ``branch_from``: a run directory to branch from
+    (``coqat.training.branch``): the run starts from its checkpoint with its settings, and
+    ``options`` may change only the optimizer (``optimizer``, ``cage_lambda`` or
+    ``cage_pull``, ``cage_silence``, ``cage_schedule``, ``cage_scale``); ``space`` and
+    ``bits``, if given, must be the parent's."""
+    if branch_from is None:
+        if stop_at is not None:
+            options = {**options, "stop_at": stop_at}
+        config = _config(space, options, model, data)
+        _, rec = runner.run_train(config, "fp" if bits is None else bits)
+        return rec
+    if model is not None or data is not None:
+        raise CoqatError("branching a run of your own model is not supported; branch runs"
+                         " of a search space")
+    if isinstance(space, RunConfig):
+        raise CoqatError("a branch takes its configuration from the parent run; give options"
+                         " as keywords, not a RunConfig")
+    config, parent_bits = runner.branch_config(branch_from, {**options, "stop_at": stop_at})
+    if space is not None:    # a space given must be the parent's (checked with the rest)
+        config = RunConfig(load_space(space) if not isinstance(space, SearchSpace) else space,
+                           config.train, config.search, config.runtime)
+    _, rec = runner.run_train(config, parent_bits if bits is None else bits)
     return rec
 
 
@@ -258,6 +283,14 @@ def resume(run_dir: str | Path, progress: bool = True, model: Any = None,
     return rec
 
 
+def _train_only(options: dict[str, Any]) -> None:
+    """stop_at and branch_from belong to ``train``: a search has phases of its own."""
+    given = [k for k in ("stop_at", "branch_from") if options.get(k) is not None]
+    if given:
+        raise CoqatError(f"{' and '.join(given)} are options of train (coqat train), not of a"
+                         " search")
+
+
 def search(space: str | Path | SearchSpace | RunConfig | None = None, budget: str = "w4a4",
            method: str = "gumbel", baselines: Sequence[str] = (), target: str | None = None,
            final_qat: bool = True, say: Callable[[str], None] | None = None,
@@ -265,6 +298,7 @@ def search(space: str | Path | SearchSpace | RunConfig | None = None, budget: st
     """Search per-layer bits under ``budget`` with ``method``, then QAT-train and evaluate
     the result; each of ``baselines`` runs at the same budget with the identical final QAT
     (``coqat search``). Returns the method's record first, then the baselines'."""
+    _train_only(options)
     return run_searches(_config(space, options, model, data), budget, [method, *baselines],
                         target=target, final_qat=final_qat, say=say)
 
@@ -281,6 +315,7 @@ def frontier(space: str | Path | SearchSpace | None = None, budgets: Sequence[st
     ``train_options`` override the final QAT's settings (e.g. optimizer="cage-d").
     With ``model`` and several ``workers``, the model must be a ``file.py:factory`` (each
     worker process imports it; an object cannot be sent to them)."""
+    _train_only(train_options)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise CoqatError(f"seeds must be an integer >= 1 (got {seeds!r})")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

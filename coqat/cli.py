@@ -64,6 +64,11 @@ CageSilenceOpt = Annotated[Optional[float], typer.Option(
     "--cage-silence", help="share of the QAT phase before CAGE starts")]
 CageScheduleOpt = Annotated[Optional[str], typer.Option(
     "--cage-schedule", help="linear (ramp to lambda) | constant")]
+CagePullOpt = Annotated[Optional[float], typer.Option(
+    "--cage-pull", help="CAGE strength as the pull integral sum_t lr_t*lambda_t (lambda is"
+    " derived from the LR schedule; exclusive with --cage-lambda)")]
+CageScaleOpt = Annotated[Optional[str], typer.Option(
+    "--cage-scale", help="none | step: measure each layer's CAGE term in its own grid steps")]
 KernelsOpt = Annotated[Optional[str], typer.Option(
     "--kernels", help="auto (Triton on CUDA) | triton | reference (torch)")]
 CompileOpt = Annotated[Optional[str], typer.Option(
@@ -180,19 +185,30 @@ def train(
     space: SpaceOpt = None,
     model: ModelOpt = None,
     data: DataOpt = None,
-    bits: Annotated[str, typer.Option(
-        "--bits", "-b", help="fp, uniform wNaM (e.g. w4a4) or a bitconfig.json")] = "fp",
+    bits: Annotated[Optional[str], typer.Option(
+        "--bits", "-b", help="fp (default), uniform wNaM (e.g. w4a4) or a bitconfig.json")
+    ] = None,
     quantizer: QuantizerOpt = None, steps: StepsOpt = None, lr: LrOpt = None,
     batch_size: BatchOpt = None, qat_fraction: QatFractionOpt = None,
     fuse_cooldown: FuseOpt = None, optimizer: OptimizerOpt = None,
-    cage_lambda: CageLambdaOpt = None, cage_silence: CageSilenceOpt = None,
-    cage_schedule: CageScheduleOpt = None, kernels: KernelsOpt = None,
-    compile: CompileOpt = None, seed: SeedOpt = 0,
+    cage_lambda: CageLambdaOpt = None, cage_pull: CagePullOpt = None,
+    cage_silence: CageSilenceOpt = None, cage_schedule: CageScheduleOpt = None,
+    cage_scale: CageScaleOpt = None, kernels: KernelsOpt = None,
+    compile: CompileOpt = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="seed of init and data order (default 0; a branch: its parent's)")]
+    = None,
     device: DeviceOpt = "auto", data_dir: DataDirOpt = None, out: OutOpt = "runs",
     name: Annotated[Optional[str], typer.Option("--name", help="run name (default:"
                                                 " derived)")] = None,
     resume: Annotated[Optional[Path], typer.Option(
         "--resume", help="continue this run directory (other options must be left out)")] = None,
+    stop_at: Annotated[Optional[int], typer.Option(
+        "--stop-at", help="stop after N steps, the schedules still spanning --steps; the"
+        " run keeps its checkpoint there to branch from")] = None,
+    branch_from: Annotated[Optional[Path], typer.Option(
+        "--branch-from", help="a new run starting from this run's checkpoint with its"
+        " settings; only --optimizer and the --cage-* options may differ")] = None,
     quiet: QuietOpt = False, json_out: JsonOpt = False,
 ) -> None:
     """Train full precision, or uniform / mixed QAT, and write a run directory."""
@@ -200,8 +216,7 @@ def train(
 
     progress = not (quiet or json_out)
     if resume is not None:
-        given = _non_defaults(locals(), {"bits": "fp", "seed": 0, "device": "auto",
-                                         "out": "runs"},
+        given = _non_defaults(locals(), {"device": "auto", "out": "runs"},
                               skip=("resume", "quiet", "json_out", "progress", "DistEnv",
                                     "model", "data"))
         if given:
@@ -209,15 +224,18 @@ def train(
                              f" {', '.join('--' + g.replace('_', '-') for g in given)}")
         rec = coqat.resume(resume, progress=progress, model=model, data=data)
     else:
+        if branch_from is None and seed is None:
+            seed = 0
         rec = coqat.train(space, bits, model=model, data=data, quantizer=quantizer,
                           steps=steps, lr=lr, batch_size=batch_size,
                           qat_fraction=_qat_fraction(qat_fraction),
                           fuse_cooldown=fuse_cooldown, optimizer=optimizer,
-                          cage_lambda=cage_lambda, cage_silence=cage_silence,
-                          cage_schedule=cage_schedule, kernels=kernels,
+                          cage_lambda=cage_lambda, cage_pull=cage_pull,
+                          cage_silence=cage_silence, cage_schedule=cage_schedule,
+                          cage_scale=cage_scale, kernels=kernels,
                           compile=_compile_flag(compile), seed=seed,
                           device=device, data_dir=data_dir, out=out, name=name,
-                          progress=progress)
+                          progress=progress, stop_at=stop_at, branch_from=branch_from)
     if not DistEnv.from_env().is_main:  # under torchrun only rank 0 reports
         return
     if json_out:
@@ -242,6 +260,16 @@ def _print_record(rec) -> None:
     _say(f"{rec.space} {rec.bits}: {rec.metric_name} = {rec.metric:.4f}{extra};"
          f" {format_bops(rec.bops)}BOPs ({100 * rec.bops_fraction_of_fp32:.2f}% of FP32);"
          f" {rec.steps} steps ({rec.qat_steps} QAT, {rec.schedule}) in {rec.wall_s:.0f} s")
+    if rec.stopped_at is not None:
+        _say(f"stopped at step {rec.stopped_at} of {rec.steps}; branch from it with"
+             f" coqat train --branch-from {rec.run_dir}", style="dim")
+    if rec.branch_of is not None:
+        _say(f"branched from {rec.branch_of} at step {rec.branch_step}", style="dim")
+    if rec.cage is not None:
+        c = rec.cage
+        pull = f" (from pull {c.pull:g})" if c.pull is not None else ""
+        _say(f"CAGE {c.mode}: lambda {c.lam:.6g}{pull}, silence {c.silence:g},"
+             f" {c.schedule}, scale {c.scale}", style="dim")
 
 
 # ---------------------------------------------------------------------------------- search

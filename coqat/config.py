@@ -48,6 +48,12 @@ DEFAULT_SPACE = "lm-tiny"
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "triton", "reference")
 #: optimizers of the training loop (``TrainSettings.optimizer``)
 OPTIMIZERS: tuple[str, ...] = ("adamw", "cage-d", "cage-c")
+#: per-layer scaling of the CAGE term (``TrainSettings.cage_scale``, see coqat.optim.cage)
+CAGE_SCALES: tuple[str, ...] = ("none", "step")
+#: the TrainSettings a branch may set differently from its parent run: they act only on
+#: the optimizer steps after the branch point (``coqat train --branch-from``)
+BRANCH_FREE_SETTINGS: tuple[str, ...] = ("optimizer", "cage_lambda", "cage_pull",
+                                         "cage_silence", "cage_schedule", "cage_scale")
 
 
 @dataclass
@@ -78,8 +84,13 @@ class TrainSettings:
     fuse_cooldown: bool | None = None
     optimizer: str = "adamw"        # adamw | cage-d | cage-c
     cage_lambda: float = 10.0
+    #: CAGE's strength as the pull integral sum_t lr_t * lambda_t; when set, lambda is
+    #: derived from it and the run's LR schedule (cage_lambda is then not used)
+    cage_pull: float | None = None
     cage_silence: float = 0.8
     cage_schedule: str = "linear"   # linear | constant
+    #: "step": each layer's CAGE term measured in its own grid steps (coqat.optim.cage)
+    cage_scale: str = "none"
     #: matmul backend of quantized layers: auto (Triton on CUDA, torch reference on CPU),
     #: triton (fail if unavailable) or reference (always the torch reference)
     kernels: str = "auto"
@@ -111,6 +122,10 @@ class TrainSettings:
         for name in ("weight_decay", "grad_clip", "cage_lambda"):
             v = getattr(self, name)
             need(_is_number(v) and v >= 0, f"{name} must be a finite number >= 0 (got {v!r})")
+        need(self.cage_pull is None or (_is_number(self.cage_pull) and self.cage_pull >= 0),
+             f"cage_pull must be a finite number >= 0 (got {self.cage_pull!r})")
+        need(self.cage_scale in CAGE_SCALES,
+             f"cage_scale must be one of {', '.join(CAGE_SCALES)} (got {self.cage_scale!r})")
         need(self.quantizer in QUANTIZERS,
              f"quantizer must be one of {', '.join(QUANTIZERS)} (got {self.quantizer!r})")
         need(self.qat_fraction == "auto" or (_is_number(self.qat_fraction)
@@ -132,10 +147,20 @@ class TrainSettings:
         """A copy with command-line overrides (None = keep). A --steps shorter than the
         space's warm-up shrinks the warm-up to a tenth of the steps instead of failing."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        _one_cage_strength(changes, "options")
+        if "cage_lambda" in changes:       # a lambda given now replaces a pull set earlier
+            changes["cage_pull"] = None
         steps = changes.get("steps", self.steps)
         if "warmup_steps" not in changes and self.warmup_steps >= steps:
             changes["warmup_steps"] = steps // 10
         return dataclasses.replace(self, **changes).validate("options")
+
+
+def _one_cage_strength(values: Mapping[str, Any], where: str) -> None:
+    """CAGE's strength is given as lambda or as the pull integral, not both."""
+    if values.get("cage_lambda") is not None and values.get("cage_pull") is not None:
+        raise CoqatError(f"{where}: give cage_lambda (--cage-lambda) or cage_pull"
+                         " (--cage-pull), not both; the pull sets lambda from the LR schedule")
 
 
 def _is_int(v: Any, lo: int, hi: int = 2**62) -> bool:
@@ -493,6 +518,7 @@ def _parse_train(table: Any, where: str) -> TrainSettings:
     if not isinstance(table, Mapping):
         raise CoqatError(f"{where}: [train] must be a table")
     fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    _one_cage_strength(table, f"{where} [train]")
     unknown = sorted(set(table) - fields)
     if unknown:
         raise CoqatError(f"{where}: [train] has unknown key(s) {', '.join(unknown)};"
@@ -533,7 +559,8 @@ MAX_SEED = 2**32 - 1
 @dataclass
 class Runtime:
     """Where a run executes and where it writes. None of it changes the run's numbers
-    except ``seed`` (model init, data order, search sampling)."""
+    except ``seed`` (model init, data order, search sampling); ``stop_at`` ends the same
+    trajectory early and ``branch_from`` continues another run's (see ``coqat.training.branch``)."""
 
     seed: int = 0
     device: str = "auto"            # auto (CUDA if present) | cpu | cuda | cuda:N
@@ -541,6 +568,11 @@ class Runtime:
     out: str = "runs"               # root of run directories
     name: str | None = None         # run name (default: derived from space, bits, seed)
     progress: bool = True           # progress bars and one-line phase notes
+    #: stop after this many optimizer steps (schedules still span ``steps``); the run keeps
+    #: its checkpoint there for branches
+    stop_at: int | None = None
+    #: the run directory this run branches from (its checkpoint is the starting point)
+    branch_from: str | None = None
 
     def validate(self, where: str = "runtime") -> "Runtime":
         if not _is_int(self.seed, lo=0, hi=MAX_SEED):
@@ -549,7 +581,10 @@ class Runtime:
         if not (isinstance(self.device, str) and _DEVICE_RE.match(self.device)):
             raise CoqatError(f"{where}: device must be auto, cpu, cuda or cuda:N (got"
                              f" {self.device!r})")
-        for name in ("data_dir", "name"):
+        if self.stop_at is not None and not _is_int(self.stop_at, lo=1):
+            raise CoqatError(f"{where}: stop_at must be a positive integer (got"
+                             f" {self.stop_at!r})")
+        for name in ("data_dir", "name", "branch_from"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v.strip()):
                 raise CoqatError(f"{where}: {name} must be a non-empty string (got {v!r})")
@@ -704,7 +739,8 @@ def bits_from_cli(text: str, quantizer: str) -> LayerBits | None:
     return parse_bits(t, quantizer)
 
 
-__all__ = ["DEFAULT_SPACE", "FLOAT_BITS", "KERNEL_CHOICES", "OPTIMIZERS", "LayerRule",
+__all__ = ["BRANCH_FREE_SETTINGS", "CAGE_SCALES", "DEFAULT_SPACE", "FLOAT_BITS",
+           "KERNEL_CHOICES", "OPTIMIZERS", "LayerRule",
            "ResolvedSpace", "RunConfig", "Runtime", "SearchSettings", "SearchSpace",
            "TrainSettings", "bits_from_cli", "find_space", "load_space",
            "parse_search_settings", "parse_space", "run_config_from_json", "space_for_workload",

@@ -24,7 +24,8 @@ from typing import Any, Mapping
 from coqat.errors import CoqatError
 from coqat.rundir import FINAL, RunDir
 
-__all__ = ["RunRecord", "SearchRecord", "METHOD_FP", "METHOD_TRAIN", "METHOD_UNIFORM"]
+__all__ = ["CageRecord", "RunRecord", "SearchRecord", "METHOD_FP", "METHOD_TRAIN",
+           "METHOD_UNIFORM"]
 
 #: ``method`` of runs that were not searched: a float run, a uniform wNaM run, a run of a
 #: given bitconfig.json
@@ -83,6 +84,29 @@ class SearchRecord:
 
 
 @dataclass
+class CageRecord:
+    """The CAGE term a run applied: ``lam`` as used (derived from ``pull`` when the run was
+    given a pull integral), its ramp and the per-layer ``scale`` (coqat.optim.cage)."""
+
+    mode: str                          # decoupled | coupled
+    lam: float
+    silence: float
+    schedule: str                      # linear | constant
+    qat_start: int
+    qat_steps: int
+    scale: str = "none"                # none | step
+    pull: float | None = None          # the pull integral lam was derived from
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CageRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
 class RunRecord:
     """A finished run (``final.json``): its metric, its compute and how it was made."""
 
@@ -107,6 +131,12 @@ class RunRecord:
     final_qat: bool = True
     run_dir: str | None = None
     search: SearchRecord | None = None
+    #: the run stopped after this many of its ``steps`` (a trunk for branches)
+    stopped_at: int | None = None
+    #: the run this one branched from, and the step it branched at
+    branch_of: str | None = None
+    branch_step: int | None = None
+    cage: CageRecord | None = None
 
     # ----- derived ---------------------------------------------------------------------------
     @property
@@ -122,10 +152,12 @@ class RunRecord:
         """The flat ``final.json`` object (search fields beside the training ones)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name != "search"}
-        for k, default_none in (("budget_bops", True), ("resumed", True), ("run_dir", True),
-                                ("bops_fraction_of_fp32", True)):
-            if default_none and d[k] is None:
+        for k in ("budget_bops", "resumed", "run_dir", "bops_fraction_of_fp32", "stopped_at",
+                  "branch_of", "branch_step", "cage"):
+            if d[k] is None:
                 del d[k]
+        if self.cage is not None:
+            d["cage"] = self.cage.to_dict()
         if self.final_qat:
             del d["final_qat"]
         if self.search is not None:
@@ -164,6 +196,13 @@ class RunRecord:
                 final_qat=bool(d.get("final_qat", True)),
                 run_dir=d.get("run_dir"),
                 search=search,
+                stopped_at=None if d.get("stopped_at") is None else _int(d["stopped_at"],
+                                                                         "stopped_at"),
+                branch_of=d.get("branch_of"),
+                branch_step=None if d.get("branch_step") is None else _int(d["branch_step"],
+                                                                           "branch_step"),
+                cage=CageRecord.from_dict(d["cage"]) if isinstance(d.get("cage"), Mapping)
+                else None,
             )
         except KeyError as e:
             raise CoqatError(f"{source} lacks the field {e.args[0]!r}; the run directory is"

@@ -28,6 +28,28 @@ lambda schedule over the QAT phase, progress ``r = (step - qat_start + 1) / qat_
     linear:   lambda_t = 0 for r <= s,  lambda * (r - s) / (1 - s) after   (= lambda at r = 1)
     constant: lambda_t = 0 for r <= s,  lambda after
 
+The strength as a pull integral. In CAGE-D the term removes the share ``lr_t * lambda_t`` of
+each weight's error at step t, so what a run's lambda does depends on its LR schedule. The
+pull integral ``P = sum_t lr_t * lambda_t`` over the run's steps says it schedule-free (the
+paper's recipe, peak lr 1.2e-3 with one-cycle cosine, lambda 10, silence 0.8, gives
+P ~ 1.6). ``lambda_for_pull`` inverts it: with the ramp written ``lambda_t = lambda * g_t``,
+``lambda = P / sum_t lr_t * g_t``, summed over the very ``lr_t`` (``Schedule.lr``) and
+``g_t`` (``cage_lambda`` with lambda 1) that training applies, so the run's integral is P
+up to float rounding. For CAGE-C the same lambda is used; its term goes through Adam, so
+there P only names the lambda a CAGE-D run of that pull would use.
+
+Per-layer scaling (``cage_scale = "step"``). The term ``lr_t lambda_t e`` removes the same
+*share* of the error at every width, so in absolute terms it shrinks with the grid: a weight
+half a step off its grid point moves by ``lr_t lambda_t D / 2`` with ``D`` the layer's grid
+step, which falls as 2^-b. With "step" each layer's term is measured in its own grid steps
+and expressed in units of its weight scale: ``lambda_t e * (rms / D)``, ``rms`` the RMS of a
+rotated weight row (the Hadamard rotation keeps it) and ``D`` that row's QuEST step, so
+``rms / D = (2^b - 1) / (2 ALPHA[b])``, a constant of the bits (``grid_step_factor``: 1.00 at
+2 bits, 1.71 at 3, 2.98 at 4, 32.8 at 8). A weight half a step off is then pulled by
+``lr_t lambda_t rms / 2`` at every width, and a layer's own pull integral is ``P`` times
+its factor. It is defined for the QuEST quantizer only (RTN's step depends on each row's
+maximum, not on the bits).
+
 Only the weights of quantized layers (``coqat.quant.quantized_modules``: QuantLinear /
 QuantConv2d with ``w_bits < 16``) get the term. Embeddings, norms, biases, an unquantized
 lm_head and layers whose weight is float (e.g. w16a8) are left alone, and activations never
@@ -47,13 +69,14 @@ Library use::
                       qat_start=prep.schedule.qat_start, qat_steps=prep.schedule.qat_steps)
     runner.execute(prep, hooks=[hooks])
 
-or ``coqat train --optimizer cage-d --cage-lambda 10 --cage-silence 0.8``.
+or ``coqat train --optimizer cage-d --cage-lambda 10 --cage-silence 0.8`` (or
+``--cage-pull 1.6 [--cage-scale step]`` in place of ``--cage-lambda``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -61,9 +84,11 @@ from torch import nn
 from coqat.bitconfig import FLOAT_BITS
 from coqat.errors import CoqatError
 from coqat.quant import quantized_modules
+from coqat.quant.quantizers import ALPHA
 
 __all__ = ["MODES", "SCHEDULES", "cage_lambda", "cage_targets", "coupled_grad_",
-           "decoupled_update_", "layer_errors", "mode_from_optimizer", "round4"]
+           "decoupled_update_", "grid_step_factor", "lambda_for_pull", "layer_errors",
+           "mode_from_optimizer", "round4"]
 
 MODES: tuple[str, ...] = ("decoupled", "coupled")
 SCHEDULES: tuple[str, ...] = ("linear", "constant")
@@ -103,6 +128,33 @@ def cage_lambda(step: int, qat_start: int, qat_steps: int, lam: float, silence: 
     if schedule == "constant":
         return float(lam)
     return float(lam) * min(1.0, (r - silence) / (1.0 - silence))
+
+
+def lambda_for_pull(pull: float, lrs: Sequence[float], shape: Sequence[float]) -> float:
+    """The lambda whose schedule ``lambda * shape[t]`` gives ``sum_t lrs[t] * lambda_t ==
+    pull``: ``lrs`` are the run's learning rates per step, ``shape`` its lambda_t at
+    lambda = 1 (both over every step of the run)."""
+    if not (math.isfinite(pull) and pull >= 0):
+        raise CoqatError(f"CAGE pull {pull} must be a finite number >= 0")
+    total = math.fsum(lr * g for lr, g in zip(lrs, shape, strict=True))
+    if total <= 0:
+        if pull == 0:
+            return 0.0
+        raise CoqatError("CAGE is silent at every step of this run (no QAT phase, or the"
+                         " silence covers it), so no lambda gives a pull > 0; lower"
+                         " --cage-silence or train quantized")
+    return pull / total
+
+
+def grid_step_factor(bits: int, method: str = "quest") -> float:
+    """``rms / D`` of a QuEST row at ``bits``: the weight RMS in grid steps, by which
+    ``cage_scale = "step"`` multiplies a layer's term (module docstring)."""
+    if method != "quest":
+        raise CoqatError(f"CAGE scale 'step' is defined for the QuEST quantizer, not"
+                         f" {method!r}; use --cage-scale none or --quantizer quest")
+    if bits not in ALPHA:
+        raise CoqatError(f"CAGE scale 'step' has no grid step for {bits}-bit weights")
+    return (2 ** bits - 1) / (2 * ALPHA[bits])
 
 
 @torch.no_grad()

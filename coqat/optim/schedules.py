@@ -66,6 +66,11 @@ class Schedule:
         warm = min(self.warmup_steps, max(0, L // 10)) if L > 1 else 0
         return _wsd(step, self.qat_start, L, warm, self._decay_len(L), self.min_lr_ratio)
 
+    def lr(self, step: int, peak: float) -> float:
+        """The learning rate of optimizer step ``step``: what the training loop sets and
+        what CAGE's pull integral sums."""
+        return peak * self.lr_factor(step)
+
     def _decay_len(self, length: int) -> int:
         return int(round(self.decay_frac * length))
 

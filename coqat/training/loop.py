@@ -72,11 +72,14 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
           bitconfig: BitConfig | None, device: torch.device, run: RunDir | None = None,
           hooks: Sequence[TrainHooks] = (), resume: bool = False, progress: bool = True,
           quant_form: str = "half", label: str = "train",
-          dist_env: DistEnv | None = None) -> dict[str, Any]:
+          dist_env: DistEnv | None = None, stop_at: int | None = None) -> dict[str, Any]:
     """Run ``schedule.total_steps`` optimizer steps and return the final metrics.
 
     With ``resume`` the run continues from ``run``'s last checkpoint (same batches, same
-    schedule). Only rank 0 writes to ``run``.
+    schedule, torch's RNG states as saved). ``stop_at``: end after that many steps instead,
+    the schedules unchanged; the metrics are then the model's at that step, and the
+    checkpoint there is what a branch (``coqat.training.branch``) starts from. Only rank 0
+    writes to ``run``.
     """
     env = dist_env or DistEnv.from_env()
     writer = run if env.is_main else None
@@ -84,6 +87,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
     optimizer = build_optimizer(model, settings)
     state = run.load_checkpoint() if (resume and run is not None) else None
     start = int(state["step"]) if state is not None else 0
+    end = schedule.total_steps if stop_at is None else min(stop_at, schedule.total_steps)
     # Quantize before loading a checkpoint: quantized layers keep the float layers'
     # parameter names, so the same state_dict loads either way.
     quantized = False
@@ -98,6 +102,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                 h.load_state_dict(state["hooks"][h.name])
         if writer is not None:
             writer.truncate_metrics_after(start)
+        _set_rng_state(state.get("rng"))
 
     env.init(device)
     net: nn.Module = model
@@ -112,13 +117,13 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
     for h in hooks:
         h.on_start(ctx)
 
-    bar = _Progress(label, schedule.total_steps, start, enabled=progress and env.is_main)
+    bar = _Progress(label, end, start, enabled=progress and env.is_main)
     last_eval: dict[str, Any] = {}
     completed = start
     try:
         with bar, _GracefulStop() as stop:
             t_last, items = time.perf_counter(), 0
-            for step in range(start, schedule.total_steps):
+            for step in range(start, end):
                 phase = schedule.phase(step)
                 if phase == "qat" and not quantized and bitconfig is not None:
                     _enter_qat(model, bitconfig, quant_form, quantize_model, settings.kernels)
@@ -126,7 +131,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                     ctx.phase = phase
                     for h in hooks:
                         h.on_qat_start(ctx)
-                lr = settings.lr * schedule.lr_factor(step)
+                lr = schedule.lr(step, settings.lr)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 ctx.step, ctx.lr, ctx.phase = step, lr, phase
@@ -159,7 +164,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
 
                 items += batch_items(batch) * env.world_size
                 done = step + 1
-                if done % settings.log_every == 0 or done == schedule.total_steps:
+                if done % settings.log_every == 0 or done == end:
                     now = time.perf_counter()
                     rate = items / max(now - t_last, 1e-9)
                     t_last, items = now, 0
@@ -172,16 +177,16 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
                     bar.update(done, loss=rec["loss"], lr=lr, rate=rate, phase=phase)
                 else:
                     bar.update(done)
-                if done % settings.eval_every == 0 and done < schedule.total_steps:
+                if done % settings.eval_every == 0 and done < end:
                     last_eval = _evaluate(model, workload, settings, device, env,
                                           max_batches=settings.eval_batches)
                     if writer is not None:
                         writer.log({"kind": "eval", "step": done, "phase": phase, **last_eval})
                     bar.note(workload.metric, last_eval.get(workload.metric))
                 if writer is not None and done % settings.checkpoint_every == 0 \
-                        and done < schedule.total_steps:
+                        and done < end:
                     writer.save_checkpoint(_state(model, optimizer, done, hooks))
-                if stop.requested and done < schedule.total_steps:
+                if stop.requested and done < end:
                     raise KeyboardInterrupt
             # the reported metric; the bar shows it, not the last periodic evaluation
             final = _evaluate(model, workload, settings, device, env,
@@ -200,9 +205,9 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
     if digests is not None and len(set(digests)) != 1:
         raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
     if writer is not None:
-        writer.log({"kind": "eval", "step": schedule.total_steps, "phase": ctx.phase,
-                    "final": True, **final})
-        writer.save_checkpoint(_state(model, optimizer, schedule.total_steps, hooks))
+        writer.log({"kind": "eval", "step": end, "phase": ctx.phase, "final": True,
+                    **({"stopped": True} if end < schedule.total_steps else {}), **final})
+        writer.save_checkpoint(_state(model, optimizer, end, hooks))
         writer.save_weights(model.state_dict())
     if digests is not None:
         final["ddp_world_size"] = env.world_size
@@ -220,7 +225,26 @@ def _enter_qat(model: nn.Module, bitconfig: BitConfig | None, form: str, quantiz
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
            hooks: Iterable[TrainHooks]) -> dict[str, Any]:
     return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "hooks": {h.name: h.state_dict() for h in hooks}}
+            "hooks": {h.name: h.state_dict() for h in hooks}, "rng": _rng_state()}
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch's CPU and CUDA generator states. Batches do not draw from them (they are a
+    function of the step), but a hook or a user model may; a resumed or branched run then
+    draws what the uninterrupted run would have."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_state(rng: dict[str, Any] | None) -> None:
+    if not rng:                      # checkpoints written before the states were saved
+        return
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available() \
+            and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _evaluate(model: nn.Module, workload: Workload, settings: TrainSettings,

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from coqat.bitconfig import BitConfig, LayerBits
+from coqat.bitconfig import FLOAT_BITS, BitConfig, LayerBits
 from coqat.config import ResolvedSpace, RunConfig, Runtime, SearchSpace, TrainSettings, \
     bits_from_cli, run_config_from_json
 from coqat.cost import CostModel
@@ -30,8 +30,11 @@ from coqat.exporters.qparams import write_qparams
 from coqat.kernels.dispatch import check_kernels
 from coqat.optim.planner import plan as plan_qat
 from coqat.optim.schedules import Schedule
-from coqat.records import METHOD_FP, METHOD_TRAIN, METHOD_UNIFORM, RunRecord, SearchRecord
+from coqat.optim.cage import grid_step_factor
+from coqat.records import (METHOD_FP, METHOD_TRAIN, METHOD_UNIFORM, CageRecord, RunRecord,
+                           SearchRecord)
 from coqat.rundir import BITCONFIG, CONFIG, ENV, RunDir
+from coqat.training.branch import BranchPoint, branch_config, branch_point, cage_hooks
 from coqat.training.cage import CageHooks
 from coqat.training.distributed import DistEnv
 from coqat.training.hooks import TrainHooks
@@ -40,7 +43,7 @@ from coqat.util import environment_info
 from coqat.workloads import Workload, get_workload
 
 __all__ = ["Prepared", "prepare", "execute", "run_train", "resume", "bits_for",
-           "build_schedule", "make_hooks", "write_run_header", "final_record"]
+           "build_schedule", "make_hooks", "write_run_header", "final_record", "branch_config"]
 
 @dataclass
 class Prepared:
@@ -58,6 +61,8 @@ class Prepared:
     qat_plan: dict[str, Any] | None = None
     data_info: dict[str, Any] = field(default_factory=dict)
     extra_config: dict[str, Any] = field(default_factory=dict)
+    cage: CageHooks | None = None         # CAGE's hooks when the optimizer is cage-*
+    branch: BranchPoint | None = None     # where a branch starts (Runtime.branch_from)
 
     @property
     def space(self) -> SearchSpace:
@@ -116,6 +121,15 @@ def prepare(config: RunConfig, bits: Any = "fp") -> Prepared:
             bitconfig.tie_groups = list(resolved.tie_groups)
     check_kernels(settings.kernels)  # kernels = triton without a GPU fails before any file
     schedule, qat_plan = build_schedule(settings, bitconfig, cost, workload)
+    if rt.stop_at is not None and rt.stop_at >= schedule.total_steps:
+        raise CoqatError(f"--stop-at {rt.stop_at} must be below the run's {schedule.total_steps}"
+                         " steps (the schedules span all of them)")
+    cage = cage_hooks(settings, schedule, bitconfig)
+    if cage is not None and cage.scale != "none":   # the scale exists for every layer
+        for lb in bitconfig.layers.values():
+            if lb.w_bits != FLOAT_BITS:
+                grid_step_factor(lb.w_bits, lb.quantizer)
+    branch = branch_point(config, bitconfig, schedule) if rt.branch_from else None
     dist_env = DistEnv.from_env()
     device = dist_env.device(rt.device)
     check_device(device)
@@ -124,7 +138,7 @@ def prepare(config: RunConfig, bits: Any = "fp") -> Prepared:
         raise CoqatError(f"batch_size {settings.batch_size} is not divisible by the"
                          f" {dist_env.world_size} processes; pick a multiple")
     return Prepared(config, resolved, workload, model, cost, bitconfig, schedule, device,
-                    method, qat_plan, data_info=data_info)
+                    method, qat_plan, data_info=data_info, cage=cage, branch=branch)
 
 
 def check_device(device: torch.device) -> None:
@@ -185,9 +199,7 @@ def build_schedule(settings: TrainSettings, bitconfig: BitConfig | None, cost: C
 
 def make_hooks(prep: Prepared) -> list[TrainHooks]:
     """Hooks the settings ask for (CAGE's error feedback when optimizer = cage-*)."""
-    if prep.settings.optimizer == "adamw" or prep.bitconfig is None:
-        return []
-    return [CageHooks.from_settings(prep.settings, prep.schedule)]
+    return [] if prep.cage is None else [prep.cage]
 
 
 def model_info(prep: Prepared) -> dict[str, Any]:
@@ -204,7 +216,8 @@ def execute(prep: Prepared, run: RunDir | None = None, resume: bool = False,
     """Create (or continue) the run directory, train, write ``final.json``.
 
     ``search``: the record of the search that chose ``prep.bitconfig`` (a search's final
-    QAT); it becomes part of the run's record.
+    QAT); it becomes part of the run's record. A branch (``prep.branch``) starts from its
+    parent's checkpoint, copied into the new directory with the header.
     """
     rt = prep.runtime
     env = DistEnv.from_env()
@@ -219,6 +232,8 @@ def execute(prep: Prepared, run: RunDir | None = None, resume: bool = False,
         if env.is_main and not resume:
             try:
                 write_run_header(run, prep, command)
+                if prep.branch is not None:
+                    run.save_checkpoint(prep.branch.start_state())
             except BaseException:
                 if created:  # nothing half-written: a run that could not start leaves no dir
                     shutil.rmtree(run.path, ignore_errors=True)
@@ -230,8 +245,9 @@ def execute(prep: Prepared, run: RunDir | None = None, resume: bool = False,
         t0 = time.perf_counter()
         final = train(model=prep.model, workload=prep.workload, settings=prep.settings,
                       schedule=prep.schedule, bitconfig=prep.bitconfig, device=prep.device,
-                      run=run, hooks=hooks, resume=resume, progress=rt.progress,
-                      label=f"{prep.space.name} {prep.bits_label}")
+                      run=run, hooks=hooks, resume=resume or prep.branch is not None,
+                      progress=rt.progress, label=f"{prep.space.name} {prep.bits_label}",
+                      stop_at=rt.stop_at)
         wall = time.perf_counter() - t0
         record = final_record(prep, final, wall, search)
         record.resumed = resume
@@ -256,6 +272,8 @@ def write_run_header(run: RunDir, prep: Prepared, command: str) -> None:
         "bits": prep.bits_label,
         "data": prep.data_info,
         "device": str(prep.device),
+        **({"cage": prep.cage.config()} if prep.cage is not None else {}),
+        **({"branch": prep.branch.to_dict()} if prep.branch is not None else {}),
         **prep.extra_config,
     }
     run.write_json(CONFIG, cfg)
@@ -284,7 +302,11 @@ def final_record(prep: Prepared, final: dict[str, Any], wall: float,
         fp32_bops=int(fp32), bops_fraction_of_fp32=bops / fp32,
         steps=prep.schedule.total_steps, qat_steps=prep.schedule.qat_steps,
         workload=prep.space.workload_name, schedule=prep.schedule.describe()["shape"],
-        wall_s=round(wall, 2), eval=final, budget_bops=budget, search=search)
+        wall_s=round(wall, 2), eval=final, budget_bops=budget, search=search,
+        stopped_at=prep.runtime.stop_at,
+        branch_of=str(prep.branch.parent) if prep.branch is not None else None,
+        branch_step=prep.branch.step if prep.branch is not None else None,
+        cage=CageRecord.from_dict(prep.cage.config()) if prep.cage is not None else None)
 
 
 def run_train(config: RunConfig, bits: Any = "fp") -> tuple[RunDir, RunRecord]:
