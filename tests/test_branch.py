@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +21,7 @@ from coqat.quant import QuantLinear
 from coqat.quant.quantizers import ALPHA
 from coqat.rundir import RunDir
 from coqat.training.cage import CageHooks
-from conftest import LM_MICRO, assert_one_line_error, run_cli
+from conftest import LM_MICRO, ROOT, assert_one_line_error, run_cli
 from test_cage import ctx_for, last_step_hooks, np_quest_full
 
 # lm-micro: 30 steps, log every 5; CAGE with silence 0.8 is silent through step 24
@@ -142,3 +147,30 @@ def test_step_scale_multiplies_each_layers_pull_by_its_rms_over_grid_step():
         np.testing.assert_allclose(moved["none"], lr * lam * err, atol=1e-6, rtol=0)
         np.testing.assert_allclose(moved["step"], moved["none"] * grid_step_factor(bits),
                                    atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_cage_branch_smoke_preset_writes_paired_results_and_resumes(tmp_path):
+    out = tmp_path / "cb"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cage_branch.py"), "run", "--preset",
+           "smoke", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    res = json.loads((out / "report" / "results.json").read_text())
+    assert res["missing"] == [] and res["seeds"] == 2
+    w3 = res["rungs"]["main"]["widths"]["w3a3"]
+    assert set(w3["tests"]) == {"cage-d-0.5", "cage-d-1.6", "cage-d-5", "cage-c-1.6"}
+    t = w3["tests"]["cage-d-1.6"]
+    quest, cage = (w3["arms"][a]["per_seed"] for a in ("quest", "cage-d-1.6"))
+    assert t["n"] == 2 and t["differences"] == pytest.approx(
+        [quest[s] - cage[s] for s in ("0", "1")])
+    branch = RunDir(out / "main-w3a3-cage-d-1.6-s0").read_json("final.json")
+    assert branch["branch_step"] == 32 and branch["cage"]["pull"] == 1.6
+    readme = (out / "report" / "README.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and again.stderr.count("finished earlier") == 34
+    (out / "report" / "README.md").unlink()
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cage_branch.py"), "render",
+                    "--out", str(out)], check=True, timeout=120)
+    assert (out / "report" / "README.md").read_text() == readme

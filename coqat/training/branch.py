@@ -14,7 +14,8 @@ may differ from the parent's, and only so far as the branch's CAGE term is ident
 parent's before the branch step (for a QuEST trunk: silent there). Everything that shapes
 the trajectory up to the branch step (space and model, data, seed, steps, bits, batch, LR
 schedule, quantizer, evaluation) must equal the parent's; otherwise the branch is refused
-before anything is written. The branch records its parent and the step
+before anything is written. The parent must have finished (stopped at its ``stop_at``):
+the checkpoint of a run still training moves under the branch. The branch records its parent and the step
 (``config.json`` -> ``branch``, ``final.json`` -> ``branch_of`` / ``branch_step``), and
 needs its parent's directory while it runs or resumes.
 
@@ -113,10 +114,10 @@ def branch_point(config: RunConfig, bitconfig: BitConfig | None,
     if differ:
         raise CoqatError(f"{where}: {', '.join(differ)} must equal the parent run's; a branch"
                          " may change only " + ", ".join(BRANCH_FREE_SETTINGS))
-    state = run.load_checkpoint()
+    state = run.load_checkpoint() if run.finished else None
     if state is None:
-        raise CoqatError(f"{where}: the parent has no checkpoint yet; let it run (or stop it"
-                         " with --stop-at) first")
+        raise CoqatError(f"{where}: the parent has not finished (a running parent's"
+                         " checkpoint moves); run it to its --stop-at step first")
     step = int(state["step"])
     if step >= schedule.total_steps:
         raise CoqatError(f"{where}: the parent's checkpoint is at its last step ({step}),"
