@@ -57,6 +57,7 @@ ARMS: dict[str, tuple[str, float | None]] = {
     "quest": ("adamw", None), "cage-d-0.5": ("cage-d", 0.5), "cage-d-1.6": ("cage-d", 1.6),
     "cage-d-5": ("cage-d", 5.0), "cage-c-1.6": ("cage-c", 1.6)}
 BASELINE = "quest"
+COMPILE = {"auto": "auto", "on": True, "off": False}
 
 
 @dataclass(frozen=True)
@@ -110,33 +111,33 @@ def key(rung: Rung, bits: str, arm: str, seed: int) -> str:
     return f"{rung.name}-{bits}-{arm}-s{seed}"
 
 
-def plan(preset: dict[str, Any], seeds: int, out: Path,
-         device: str) -> tuple[list[LocalJob], list[LocalJob]]:
-    """(trunks and FP runs, branches): the branches need their trunk finished. Each list is
-    in priority order (the main model before the rung, W3A3 before W4A4, quest and the
-    paper's pull before the other arms), so a run cut short by --deadline has the primary
-    comparison on as many seeds as it could."""
-    first, branches = [], []
+def plan(preset: dict[str, Any], seeds: int, out: Path, device: str,
+         extra: dict[str, Any] | None = None) -> list[list[LocalJob]]:
+    """Stages in priority order, each run after the one before: per model (main, then the
+    rung) and width (W3A3, then W4A4), the trunks (with the model's FP runs at its first
+    width), then their branches (quest and the paper's pull first). A grid cut short by
+    --deadline has the primary comparison (main W3A3) on every seed it reached."""
+    stages: list[list[LocalJob]] = []
     for rung in preset["rungs"]:
         space = space_for(rung, preset)
-        for bits in ("fp", *rung.bits):
-            for seed in range(seeds):
-                base = {"seed": seed, "device": device}
-                if bits == "fp":
-                    first.append(LocalJob(key(rung, bits, "fp", seed), space, base, bits=bits))
-                    continue
-                first.append(LocalJob(key(rung, bits, "trunk", seed), space, {
-                    **base, "stop_at": int(round(TRUNK_SHARE * rung.steps))}, bits=bits))
-        for bits in rung.bits:
+        for i, bits in enumerate(rung.bits):
+            base = {"device": device, **(extra or {})}
+            trunks = [LocalJob(key(rung, "fp", "fp", seed), space, {**base, "seed": seed},
+                               bits="fp") for seed in range(seeds)] if i == 0 else []
+            trunks += [LocalJob(key(rung, bits, "trunk", seed), space, {
+                **base, "seed": seed, "stop_at": int(round(TRUNK_SHARE * rung.steps))},
+                bits=bits) for seed in range(seeds)]
+            branches = []
             for arm in sorted(rung.arms, key=lambda a: a not in (BASELINE, "cage-d-1.6")):
+                optimizer, pull = ARMS[arm]
                 for seed in range(seeds):
-                    optimizer, pull = ARMS[arm]
                     trunk = out / key(rung, bits, "trunk", seed)
-                    opts = {"seed": seed, "device": device, "branch_from": str(trunk.resolve()),
+                    opts = {**base, "seed": seed, "branch_from": str(trunk.resolve()),
                             "optimizer": optimizer, "cage_pull": pull}
                     branches.append(LocalJob(key(rung, bits, arm, seed), space, opts,
                                              bits=bits))
-    return first, branches
+            stages += [trunks, branches]
+    return stages
 
 
 # ----- running --------------------------------------------------------------------------------
@@ -146,8 +147,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workers = args.workers or preset["workers"]
     device = args.device or preset["device"]
     out = Path(args.out)
-    first, branches = plan(preset, seeds, out, device)
-    total, t0 = len(first) + len(branches), time.monotonic()
+    extra = {} if args.compile is None else {"compile": COMPILE[args.compile]}
+    stages = plan(preset, seeds, out, device, extra)
+    total, t0 = sum(len(s) for s in stages), time.monotonic()
     deadline = None if args.deadline is None else t0 + args.deadline
     done: list[JobOutcome] = []
 
@@ -160,19 +162,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f" ~{eta:.0f} s left", file=sys.stderr, flush=True)
 
     print(f"{total} runs under {out} ({workers} at once on {device})", file=sys.stderr)
-    for batch in (first, branches):
+    for batch in stages:
         run_local(batch, out, workers=workers, threads=args.threads, deadline=deadline,
                   keep_going=True, on_outcome=progress)
-    results = collect(args.preset, preset, seeds, out, device)
+    results = collect(args.preset, preset, seeds, out, device, extra)
     write_report(out / "report", results)
     return results
 
 
-def collect(name: str, preset: dict[str, Any], seeds: int, out: Path,
-            device: str) -> dict[str, Any]:
+def collect(name: str, preset: dict[str, Any], seeds: int, out: Path, device: str,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json: per rung and width, each arm's per-seed loss and its paired test."""
-    first, branches = plan(preset, seeds, out, device)
-    rows = {o.key: o for o in read_finished(first + branches, out)}
+    rows = {o.key: o for o in read_finished(
+        [job for stage in plan(preset, seeds, out, device, extra) for job in stage], out)}
     rungs = {}
     for rung in preset["rungs"]:
         metric = lambda b, a: {s: _metric(rows[key(rung, b, a, s)]) for s in range(seeds)}
@@ -294,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--workers", type=int, help="runs at once (default: the preset's)")
     r.add_argument("--threads", type=int, help="torch threads per run")
     r.add_argument("--device")
+    r.add_argument("--compile", choices=sorted(COMPILE), help="torch.compile each run's step"
+                   " (default: the library's, on for CUDA); off saves the per-process compile"
+                   " of many short runs")
     r.add_argument("--deadline", type=float, help="seconds from now: start no run that"
                    " would end later (rerun to continue)")
     g = sub.add_parser("render", help="rewrite README.md from <out>/report/results.json")
