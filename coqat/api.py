@@ -425,7 +425,7 @@ def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model
                              f" {rd.path / CONFIG}: {first_problem(str(e))}") from None
         problem = SearchProblem.build(prep.resolved, prep.cost, config.train.quantizer)
         source, label = config.space.name, f"run {rd.path}"
-        if rd.has("bitconfig.json"):
+        if RunRecord.read(rd).bits != "fp":   # an FP run has a bitconfig.json too
             notes.append("the run was trained quantized; its weights are measured here with"
                          " every other layer in float")
     else:

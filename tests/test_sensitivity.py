@@ -179,6 +179,7 @@ def test_run_weights_are_measured_and_the_report_shows_the_heatmap(tmp_path):
     run, _ = train_run(DIGITS, tmp_path / "runs", steps=10)
     table = coqat.sensitivity(run=run.path, bits="2,8", batches=2, save=run.path)
     assert table.weights == f"run {run.path}" and table.widths == [2, 8]
+    assert not any("trained quantized" in n for n in table.notes)    # an FP run
     job = fp_job(run_config(DIGITS, tmp_path / "x"))
     job.fp_prep.model.load_state_dict(run.load_weights())
     want = _mean_loss(job.fp_prep.model, job.fp_prep.workload, 2, table.batch_size)
@@ -186,6 +187,12 @@ def test_run_weights_are_measured_and_the_report_shows_the_heatmap(tmp_path):
     rep, files = coqat.report(run.path)
     assert "sensitivity" in files and files["sensitivity"].is_file()
     assert "<h2>Sensitivity</h2>" in files["html"].read_text()
+
+
+def test_a_quantized_run_is_measured_with_a_note_that_says_so(tmp_path):
+    run, _ = train_run(DIGITS, tmp_path / "runs", bits="w4a4", steps=4)
+    table = coqat.sensitivity(run=run.path, bits="2", batches=1)
+    assert any("trained quantized" in n for n in table.notes)
 
 
 def test_cli_table_json_and_files(tmp_path):
