@@ -81,6 +81,15 @@ PRESETS: dict[str, dict[str, Any]] = {
               "corpus": "stdlib", "eval_batches": 4, "rungs": (
                   Rung("main", _lm(32, 2, 2, 64, 32), 40, ("w3a3", "w4a4"), tuple(ARMS)),
                   Rung("rung", _lm(16, 1, 2, 32, 32), 20, ("w3a3",), (BASELINE, "cage-d-1.6")))},
+    # Two CPU cores (the machine this project develops on): the same protocol on models
+    # small enough for 136 runs in well under an hour: 2 x 32 (43k parameters) for 560
+    # steps of 16 x 128 bytes (26.6 bytes per parameter) and 1 x 16 (11k parameters) for 560
+    # steps (106 bytes per parameter).
+    "cpu": {"device": "cpu", "seeds": 8, "workers": 2, "batch": 16, "lr": 3e-3,
+            "corpus": "wiki+stdlib", "eval_batches": 0, "rungs": (
+                Rung("main", _lm(32, 2, 2, 96, 128), 560, ("w3a3", "w4a4"), tuple(ARMS)),
+                Rung("rung", _lm(16, 1, 2, 32, 128), 560, ("w3a3",),
+                     (BASELINE, "cage-d-1.6")))},
     # One H100: lm-tiny's shape at sequence 256 (0.92M parameters) for 1,500 steps of
     # 64 x 256 bytes (26.7 bytes per parameter, 2.2 passes over wiki+stdlib's 11.0 MB), and
     # a 0.14M model for 850 steps (100 bytes per parameter).
@@ -249,6 +258,11 @@ def render(results: dict[str, Any]) -> str:
              f" {results['device']}; every arm branches at {results['trunk_share']:.0%} of the"
              " steps from its seed's QuEST trunk (protocol: `benchmarks/cage_branch.py`).", "",
              f"Command: `{results['command']}`", ""]
+    m = results.get("machine") or {}
+    if m:
+        where = m.get("gpu") or f"{m.get('cpu')} ({m.get('cpu_count')} cores)"
+        lines += [f"Machine: {where}; torch {m.get('torch')}; commit"
+                  f" {str(m.get('git_commit'))[:10]}.", ""]
     for name, r in results["rungs"].items():
         bpp = r["bytes_per_param"]
         lines += [f"## {name}: {r['params']:,} parameters, {r['steps']} steps"

@@ -27,9 +27,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import coqat  # noqa: E402
+BENCH = ROOT / "benchmarks"
+# transformers imports a package named `kernels` when it finds one: benchmarks/kernels.py must
+# not be it, so this directory leaves sys.path once `common` is imported
+sys.path.insert(0, str(BENCH))
 from common import command_line, machine_info, read_json, write_json  # noqa: E402
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+import coqat  # noqa: E402
 from coqat.errors import CoqatError  # noqa: E402
 from coqat.records import RunRecord  # noqa: E402
 from coqat.reporting import sensitivity as sens_report  # noqa: E402
