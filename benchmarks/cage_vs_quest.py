@@ -631,6 +631,11 @@ def write_report(report_dir: Path, doc: dict[str, Any] | None, with_plots: bool)
         notes_path = report_dir / f"notes-{d['space']}.md"
         notes = notes_path.read_text() if notes_path.exists() else None
         sections.append(render_space(d, plots, notes))
+    # the paired-branch experiment (benchmarks/cage_branch.py, issue 18) leads: a hand-written
+    # summary in branch.md, its generated tables under branch/
+    lead = report_dir / "branch.md"
+    if lead.exists():
+        sections.insert(0, lead.read_text())
     readme = report_dir / "README.md"
     atomic_write_text(readme, HEADER + "\n" + "\n".join(sections))
     return readme
