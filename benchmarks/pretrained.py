@@ -198,8 +198,9 @@ def readme(args: argparse.Namespace) -> None:
              f" {files} --report-dir {out}`"
              " re-renders this page. Text: English Wikipedia (CC BY-SA 4.0, Wikipedia"
              " contributors); weights Apache-2.0.", ""]
-    if args.notes:
-        lines += [Path(args.notes).read_text().strip(), ""]
+    findings = Path(args.notes) if args.notes else out / "findings.md"
+    if findings.exists():            # the reading, written by hand after the runs
+        lines += [findings.read_text().strip(), ""]
     for res, src in zip(results, args.results):
         lines += _section(res)
         png = Path(src).parent / f"sensitivity-{res['track']}" / "sensitivity.png"
@@ -223,7 +224,8 @@ def main() -> None:
     w = sub.add_parser("readme", help="render README.md from result files")
     w.add_argument("results", nargs="+")
     w.add_argument("--report-dir", default="reports/pretrained")
-    w.add_argument("--notes", default=None, help="a markdown file with findings, put on top")
+    w.add_argument("--notes", default=None, help="a markdown file with the reading, put on top"
+                   " (default: findings.md in the report directory)")
     args = p.parse_args()
     run(args) if args.cmd == "run" else readme(args)
 
