@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from common import command_line, machine_info, read_json, write_json
-from coqat.config import SearchSpace, parse_space
+from coqat.config import COMPILE_FLAGS as COMPILE, SearchSpace, parse_space
 from coqat.reporting.stats import gap_shares, pair_by_seed, paired_difference, seed_summary
 from coqat.sweep.local import JobOutcome, LocalJob, read_finished, run_local
 
@@ -57,7 +57,6 @@ ARMS: dict[str, tuple[str, float | None]] = {
     "quest": ("adamw", None), "cage-d-0.5": ("cage-d", 0.5), "cage-d-1.6": ("cage-d", 1.6),
     "cage-d-5": ("cage-d", 5.0), "cage-c-1.6": ("cage-c", 1.6)}
 BASELINE = "quest"
-COMPILE = {"auto": "auto", "on": True, "off": False}
 
 
 @dataclass(frozen=True)

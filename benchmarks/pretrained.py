@@ -34,6 +34,7 @@ sys.path.insert(0, str(BENCH))
 from common import command_line, machine_info, read_json, write_json  # noqa: E402
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 import coqat  # noqa: E402
+from coqat.config import COMPILE_FLAGS as COMPILE  # noqa: E402
 from coqat.errors import CoqatError  # noqa: E402
 from coqat.records import RunRecord  # noqa: E402
 from coqat.reporting import sensitivity as sens_report  # noqa: E402
@@ -62,7 +63,6 @@ TRACKS = {
         " tokens on Wikipedia leads; metric: val loss per token over the whole val split",
         "2.726 nats/token before any fine-tune (40 x 256-token windows, CPU)"),
 }
-COMPILE = {"auto": "auto", "on": True, "off": False}
 CAVEATS = {
     "smollm2": "Caveat (Q4_1): the only offline SmolLM2 is a Q4_1 GGUF; its matrices were"
                " already rounded to a block-32 asymmetric 4-bit grid (the embedding to 8 bits)"

@@ -356,10 +356,11 @@ def _compile_flag(value: str | None) -> bool | str | None:
     """--compile auto | on | off as TrainSettings.compile ("auto", True, False)."""
     if value is None:
         return None
-    flags = {"auto": "auto", "on": True, "off": False}
-    if value not in flags:
+    from coqat.config import COMPILE_FLAGS
+
+    if value not in COMPILE_FLAGS:
         raise CoqatError(f"--compile {value!r} is not a choice; use auto, on or off")
-    return flags[value]
+    return COMPILE_FLAGS[value]
 
 
 # ----------------------------------------------------------------------------- sensitivity

@@ -56,6 +56,9 @@ BRANCH_FREE_SETTINGS: tuple[str, ...] = ("optimizer", "cage_lambda", "cage_pull"
                                          "cage_silence", "cage_schedule", "cage_scale")
 
 
+#: --compile auto | on | off as TrainSettings.compile
+COMPILE_FLAGS: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
+
 @dataclass
 class TrainSettings:
     """How one training run goes. Every field can be set in ``[train]`` of a space."""
@@ -95,6 +98,7 @@ class TrainSettings:
     #: triton (fail if unavailable) or reference (always the torch reference)
     kernels: str = "auto"
     #: torch.compile the training step: "auto" (on CUDA, eager on the CPU), true or false
+    #: (the command line's auto | on | off: COMPILE_FLAGS)
     compile: bool | str = "auto"
 
     def validate(self, where: str = "[train]") -> "TrainSettings":
