@@ -14,7 +14,7 @@ from torch import nn
 
 from coqat.bitconfig import BitConfig, LayerBits
 from coqat.cost import (CostModel, count_macs, describe_budget, find_tie_groups, format_bops,
-                        parse_budget)
+                        mean_wa, parse_budget)
 from coqat.errors import CoqatError
 from coqat.workloads.resnet import resnet18, resnet20
 
@@ -325,6 +325,22 @@ def test_parse_budget_rejects_malformed_with_one_line_error(r18, expr, problem):
     assert problem in msg
     assert "accepted forms" in msg and "w4a4" in msg
     assert "\n" not in msg
+
+
+def test_mean_wa_budget_is_the_quantized_layers_mean(r18):
+    # waX is linear in X and passes through every square uniform point, pins kept
+    for w in (2, 3, 4, 8):
+        assert parse_budget(f"wa{w * w}", r18, FIRST_LAST_W8A8) == \
+            parse_budget(f"w{w}a{w}", r18, FIRST_LAST_W8A8)
+    assert parse_budget("wa8", r18, FIRST_LAST_W8A8) == parse_budget("w2a4", r18, FIRST_LAST_W8A8)
+    lo, hi = (parse_budget(e, r18, FIRST_LAST_W8A8) for e in ("w2a3", "w3a3"))
+    assert parse_budget("wa7.5", r18, FIRST_LAST_W8A8) == (lo + hi) // 2
+    assert parse_budget("0.5*wa16 + 2G", r18) == parse_budget("0.5*w4a4", r18) + 2 * 10**9
+    assert mean_wa(parse_budget("w3a4", r18, FIRST_LAST_W8A8), r18, FIRST_LAST_W8A8) == 12
+    with pytest.raises(CoqatError, match="waX"):
+        parse_budget("wa", r18)
+    with pytest.raises(CoqatError, match="must be positive"):
+        parse_budget("wa0-w2a2", r18)
 
 
 def test_describe_and_format_bops(r18):

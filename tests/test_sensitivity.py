@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,6 +173,28 @@ def test_method_meets_the_budget_in_the_fill_window_and_is_deterministic(digits)
     assert loss_change(asg) <= loss_change(p.uniform(4, 4)) + 1e-12
     wv, av = values(table, p)
     assert wv[0] == [-rows[p.w_decisions[0].name].at(b) for b in p.w_decisions[0].choices]
+
+
+def test_low_bit_candidates_meet_a_mean_wa_budget_exactly(tmp_path):
+    """Weights and activations in {2,3,4,8} under ``wa6`` (between the uniform points):
+    the sensitivity method and the uniform baseline both stay within the budget, the
+    uniform one at an asymmetric pair, and the final QAT runs at 2- and 3-bit inputs."""
+    space = tmp_path / "digits-low.toml"
+    space.write_text(Path(DIGITS).read_text()
+                     .replace('name = "digits-test"', 'name = "digits-low"')
+                     .replace("w_bits = [2, 4, 8]", "w_bits = [2, 3, 4, 8]")
+                     .replace("a_bits = [4, 8]", "a_bits = [2, 3, 4, 8]"))
+    cfg = run_config(str(space), tmp_path / "runs", steps=6, fp_steps=6, proxy_batches=1,
+                     eval_every=6, checkpoint_every=6)
+    _, uni = run_search(cfg, "wa6", "uniform", final_qat=False)
+    assert uni.search.uniform == "w2a3"                   # w3a2 costs the same; more a wins
+    assert uni.search.achieved_bops == uni.search.budget_bops   # w*a = 6 fills it exactly
+    run, sens = run_search(cfg, "wa6", "sensitivity")
+    s = sens.search
+    assert s.achieved_bops <= s.budget_bops and s.searchable_over_budget >= 0.97
+    assert set(s.assignment["a"]) <= {2, 3, 4, 8} and sens.metric is not None
+    bits = BitConfig.load(run.file("bitconfig.json"))
+    assert min(b.a_bits for b in bits.layers.values()) <= 3   # 6 < 4*2 forces a low input
 
 
 # ----- API, CLI and report --------------------------------------------------------------------

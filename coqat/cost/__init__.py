@@ -7,7 +7,8 @@
 """
 
 from coqat.cost.bops import ATTENTION_BITS, FP32_BITS, CostModel, LayerCost
-from coqat.cost.budget import Budget, budget_slug, describe_budget, format_bops, parse_budget
+from coqat.cost.budget import (Budget, budget_slug, describe_budget, format_bops, mean_wa,
+                               parse_budget)
 from coqat.cost.macs import MacCount, count_macs, find_tie_groups, is_layer
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "budget_slug",
     "count_macs",
     "describe_budget",
+    "mean_wa",
     "find_tie_groups",
     "format_bops",
     "is_layer",

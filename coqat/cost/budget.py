@@ -3,6 +3,9 @@
 Grammar (parsed with ``ast`` against a whitelist; nothing is evaluated by Python):
 
 - ``wNaM``: the BOPs of the model with every layer at w=N, a=M, pinned layers at their pins;
+- ``waX``: a budget on the quantized layers (the EdMIPS convention): their MAC-weighted mean
+  w_bits x a_bits is X (any number, ``wa6``, ``wa7.5``), pinned layers and attention matmuls
+  at their fixed cost. ``wa9`` equals ``w3a3``; ``wa6`` lies between the uniform points;
 - ``fp32``: the FP32 reference BOPs (every MAC at 32 x 32);
 - a number, optionally with a K/M/G/T suffix (x1e3/1e6/1e9/1e12, any case): ``34.7G``;
 - ``+ - * /`` and parentheses: ``0.5*w8a8``, ``w4a4+0.25*(w8a8-w4a4)``.
@@ -30,7 +33,8 @@ from coqat.bitconfig import LayerBits
 from coqat.cost.bops import CostModel
 from coqat.errors import CoqatError
 
-ACCEPTED = ("accepted forms: wNaM (e.g. w4a4, uniform bits with pinned layers kept), fp32, "
+ACCEPTED = ("accepted forms: wNaM (e.g. w4a4, uniform bits with pinned layers kept), waX (mean "
+            "w_bits*a_bits X on the quantized layers, e.g. wa6), fp32, "
             "BOPs with an optional K/M/G/T suffix (34.7G), a fraction of FP32 BOPs (0.02), "
             "combined with + - * / and parentheses (0.5*w8a8, w4a4+0.25*(w8a8-w4a4))")
 
@@ -38,7 +42,9 @@ _SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _NUMBER = r"(?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _SUFFIXED = re.compile(rf"(?<![\w.])({_NUMBER})\s*([kKmMgGtT])(?!\w)")
 _TERM = re.compile(r"^w(\d+)a(\d+)$", re.IGNORECASE)
+_MEAN_TERM = re.compile(r"(?<![\w.])wa\s*(\d+(?:\.\d*)?|\.\d+)(?![\w.])", re.IGNORECASE)
 _PLACEHOLDER = "__coqat_bops_{}__"
+_MEAN_PLACEHOLDER = "__coqat_mean_wa_{}__"
 _MAX_LEN = 500
 _MAX_EXPONENT = 30  # 1e30 BOPs is far past any model; bounds the exact arithmetic
 _MAX_BOPS = 10**40  # a product of such numbers can still be huge: refused above this
@@ -62,9 +68,10 @@ class _Evaluator:
     """Walks the whitelisted AST; returns (value, dim) with dim 1 = BOPs, 0 = scalar."""
 
     def __init__(self, source: str, suffixed: list[Fraction], cost: CostModel,
-                 pinned: Mapping[str, LayerBits]):
+                 pinned: Mapping[str, LayerBits], means: Mapping[str, Fraction] | None = None):
         self.source = source
         self.suffixed = suffixed
+        self.means = dict(means or {})
         self.cost = cost
         self.pinned = pinned
         self.plain_only = True  # no term, no suffix: the "fraction of FP32" reading applies
@@ -114,6 +121,8 @@ class _Evaluator:
         if name.lower() == "fp32":
             return Fraction(self.cost.fp32_bops()), 1
         m = _TERM.match(name)
+        if not m and name in self.means:
+            return mean_wa_bops(self.means[name], self.cost, self.pinned), 1
         if not m:
             raise _BudgetSyntaxError(f"{name!r} is not a term")
         try:
@@ -121,6 +130,35 @@ class _Evaluator:
         except CoqatError as e:
             raise _BudgetSyntaxError(f"{name} has unsupported bits ({e})") from None
         return Fraction(self.cost.uniform_bops(bits, self.pinned)), 1
+
+
+def quantized_macs(cost: CostModel, pinned: Mapping[str, LayerBits] | None = None
+                   ) -> tuple[int, int]:
+    """(F, M) of ``cost``'s model: every uniform config w/a costs F + w*a*M BOPs, F the
+    pinned layers and attention matmuls, M the MACs of the other (quantized) layers."""
+    pinned = dict(pinned or {})
+    low = cost.uniform_bops(LayerBits(2, 2), pinned)
+    high = cost.uniform_bops(LayerBits(4, 4), pinned)
+    macs = (high - low) // 12
+    return low - 4 * macs, macs
+
+
+def mean_wa_bops(mean: Fraction, cost: CostModel,
+                 pinned: Mapping[str, LayerBits] | None = None) -> Fraction:
+    """The BOPs of ``waX``: F + X * M (``quantized_macs``)."""
+    fixed, macs = quantized_macs(cost, pinned)
+    if macs <= 0:
+        raise _BudgetSyntaxError("the model has no quantized layers for a waX term (every "
+                                 "layer is pinned)")
+    return fixed + Fraction(mean) * macs
+
+
+def mean_wa(bops: float, cost: CostModel,
+            pinned: Mapping[str, LayerBits] | None = None) -> float | None:
+    """The inverse of ``waX``: the mean w_bits*a_bits of the quantized layers at ``bops``
+    (None when every layer is pinned)."""
+    fixed, macs = quantized_macs(cost, pinned)
+    return (bops - fixed) / macs if macs > 0 else None
 
 
 @dataclass(frozen=True)
@@ -170,15 +208,21 @@ def parse_budget(expr: str, cost: CostModel,
         raise fail(f"it is longer than {_MAX_LEN} characters")
 
     suffixed: list[Fraction] = []
+    means: dict[str, Fraction] = {}
 
     def replace(m: re.Match) -> str:
         suffixed.append(_number(m.group(1)) * _SUFFIX[m.group(2).lower()])
         return _PLACEHOLDER.format(len(suffixed) - 1)
 
+    def replace_mean(m: re.Match) -> str:
+        name = _MEAN_PLACEHOLDER.format(len(means))
+        means[name] = _number(m.group(1))
+        return name
+
     try:
-        source = _SUFFIXED.sub(replace, text)
+        source = _SUFFIXED.sub(replace, _MEAN_TERM.sub(replace_mean, text))
         tree = ast.parse(source, mode="eval")
-        evaluator = _Evaluator(source, suffixed, cost, pinned)
+        evaluator = _Evaluator(source, suffixed, cost, pinned, means)
         value, dim = evaluator.eval(tree)
     except _BudgetSyntaxError as e:
         raise fail(str(e)) from None

@@ -1,0 +1,338 @@
+"""Mixed precision vs the best uniform config at equal BOPs, paired by seed (issue #16).
+
+The protocol is reports/mixed_vs_uniform/PROTOCOL.md, written before the runs. In short, per
+seed and budget, every arm ends in the identical final QAT (same settings, seed, batches):
+
+- every *maximal* uniform pair (w, a) of the space's candidates that fits the budget
+  (asymmetric ones included: at ``wa9`` that is w3a3, w2a4 and w4a2); the best uniform is
+  the pair with the best mean over the seeds, chosen after the runs (a choice that can only
+  favour uniform);
+- ``sensitivity`` (the primary arm): the measured per-tensor loss changes of the seed's FP
+  phase + the exact knapsack; ``gumbel``: the differentiable search from the same FP phase;
+  ``random``: a seeded random config repaired into the budget.
+
+Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quantized layers
+(``coqat.cost.budget``); ``w4a4`` (= ``wa16``) is the control where no gain is expected.
+
+    # one GPU (one 10-minute call; a second call resumes: finished runs are read back)
+    python benchmarks/mixed_vs_uniform.py run --preset gpu --out /tmp/mvu \\
+        --report-dir reports/mixed_vs_uniform
+    # the same plan at toy size on the CPU (checks the script end to end)
+    python benchmarks/mixed_vs_uniform.py run --preset smoke --out /tmp/mvu-smoke \\
+        --report-dir /tmp/mvu-smoke/report
+    # README.md + results.json from a results file
+    python benchmarks/mixed_vs_uniform.py readme reports/mixed_vs_uniform/results.json \\
+        --report-dir reports/mixed_vs_uniform
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+from common import command_line, machine_info, read_json, write_json  # noqa: E402
+# transformers imports a package named `kernels` when it finds one (benchmarks/kernels.py
+# must not be it, here or in the spawned workers, which inherit sys.path)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+from coqat.config import COMPILE_FLAGS, load_space  # noqa: E402
+from coqat.reporting.stats import config_distance, paired_difference, seed_summary  # noqa: E402
+from coqat.sweep.local import CACHED, LocalJob, read_finished, run_local  # noqa: E402
+from coqat.util import atomic_write_text  # noqa: E402
+
+MIXED = ("sensitivity", "gumbel", "random")
+PRIMARY = "sensitivity"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # One H200: MiniLM topics at the space's 150 steps; 8 seeds; runs in parallel processes
+    # (the model is small: one run leaves the GPU mostly idle). Sensitivity on 8 holdout
+    # batches of 64 articles. Eager (compile off): a run is seconds, compiling is not.
+    "gpu": {"space": "minilm-topics", "budgets": ["wa9", "wa6", "w4a4"], "seeds": 8,
+            "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
+            "deadline": 520, "options": {"proxy_batches": 8}},
+    # toy size on the CPU: every arm of 2 seeds at 3 steps
+    "smoke": {"space": "minilm-topics", "budgets": ["wa9", "w4a4"], "seeds": 2,
+              "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
+              "deadline": None,
+              "options": {"steps": 3, "fp_steps": 3, "search_steps": 2, "warmup_steps": 1,
+                          "eval_every": 3, "checkpoint_every": 3, "proxy_batches": 1}},
+}
+
+_MEAN = re.compile(r"^wa(\d+(?:\.\d*)?)$")
+_PAIR = re.compile(r"^w(\d+)a(\d+)$")
+
+
+def budget_mean(budget: str) -> float:
+    """``wa9`` -> 9.0, ``w4a4`` -> 16.0 (the mean w*a a budget allows the quantized layers)."""
+    m = _MEAN.match(budget) or _PAIR.match(budget)
+    if m is None:
+        raise SystemExit(f"budget {budget!r}: this benchmark takes waX or wNaM budgets")
+    return float(m.group(1)) if m.re is _MEAN else float(int(m.group(1)) * int(m.group(2)))
+
+
+def uniform_pairs(space: str, budget: str) -> list[tuple[int, int]]:
+    """The maximal uniform (w, a) pairs under ``budget``: every pair every searchable rule
+    allows with w*a <= the budget's mean, minus those another fitting pair dominates."""
+    sp = load_space(space)
+    common: set[tuple[int, int]] | None = None
+    for rule in sp.rules:
+        pairs = {(w, a) for w in rule.w_bits for a in rule.a_bits}
+        common = pairs if common is None else common & pairs
+    x = budget_mean(budget)
+    fit = [p for p in sorted(common or ()) if p[0] * p[1] <= x + 1e-9]
+    return [p for p in fit if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in fit)]
+
+
+def arm_key(arm: str, budget: str, seed: int) -> str:
+    return f"{arm}-{budget}-s{seed}"
+
+
+def plan(cfg: dict[str, Any]) -> list[tuple[str, str, int, LocalJob]]:
+    """(arm, budget, seed, job), seed-major (a deadline leaves whole seeds), searches first
+    within a seed (they train the seed's FP phase, which the others then reuse)."""
+    opts = {"device": cfg["device"], "compile": COMPILE_FLAGS[cfg["compile"]],
+            **cfg.get("options", {})}
+    out = []
+    for seed in range(cfg["seeds"]):
+        o = {**opts, "seed": seed}
+        for budget in cfg["budgets"]:
+            for m in MIXED:
+                out.append((m, budget, seed, LocalJob(arm_key(m, budget, seed), cfg["space"],
+                                                      o, budget=budget, method=m)))
+        for budget in cfg["budgets"]:
+            for w, a in uniform_pairs(cfg["space"], budget):
+                arm = f"w{w}a{a}"
+                out.append((arm, budget, seed, LocalJob(arm_key(arm, budget, seed),
+                                                        cfg["space"], o, bits=arm)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+def collect(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Every finished run of the plan as a row (read back from the run directories)."""
+    planned = plan(cfg)
+    rows = []
+    for (arm, budget, seed, job), o in zip(planned, read_finished([p[3] for p in planned], out)):
+        if not o.ok:
+            continue
+        r = o.record
+        s = r.search
+        rows.append({"arm": arm, "budget": budget, "seed": seed, "metric": r.metric,
+                     "metric_name": r.metric_name, "higher_is_better": r.higher_is_better,
+                     "bops": r.bops, "bits": r.bits, "wall_s": r.wall_s,
+                     "budget_bops": s.budget_bops if s else None,
+                     "fixed_bops": s.fixed_bops if s else None,
+                     "assignment": s.assignment if s else None,
+                     "fp_metric": (s.fp_phase or {}).get("metric") if s else None,
+                     "search_phase_wall_s": s.search_phase_wall_s if s else None,
+                     "run_dir": o.run_dir})
+    return {"preset": cfg, "rows": rows}
+
+
+def analyse(results: dict[str, Any]) -> dict[str, Any]:
+    """Per budget: the arms' seed summaries, the best uniform pair, and every mixed arm's
+    paired difference to it (and, stricter, to the best uniform pair of each seed)."""
+    rows = results["rows"]
+    hib = next((r["higher_is_better"] for r in rows), True)
+    out: dict[str, Any] = {}
+    for budget in results["preset"]["budgets"]:
+        here = [r for r in rows if r["budget"] == budget]
+        by_arm: dict[str, dict[int, float]] = {}
+        for r in here:
+            by_arm.setdefault(r["arm"], {})[r["seed"]] = r["metric"]
+        # per-budget geometry from any search record: F and the quantized MACs M
+        srec = next((r for r in here if r["budget_bops"]), None)
+        x = budget_mean(budget)
+        macs = (srec["budget_bops"] - srec["fixed_bops"]) / x if srec else None
+
+        def mean_wa(bops: int) -> float | None:
+            return None if macs is None else (bops - srec["fixed_bops"]) / macs
+
+        over = [r for r in here if srec and r["bops"] > srec["budget_bops"]]
+        arms = {}
+        for arm, vals in sorted(by_arm.items()):
+            rr = [r for r in here if r["arm"] == arm]
+            arms[arm] = {"summary": seed_summary(vals.values()).__dict__,
+                         "mean_wa": [mean_wa(r["bops"]) for r in rr][:1][0] if arm not in MIXED
+                         else seed_summary([mean_wa(r["bops"]) for r in rr]).mean,
+                         "seeds": {str(k): v for k, v in sorted(vals.items())}}
+            if arm in MIXED:
+                arms[arm]["config_distance"] = config_distance(
+                    [r["assignment"] for r in rr if r["assignment"]])
+        uni = [a for a in by_arm if a not in MIXED]
+        seeds = sorted(set.intersection(*(set(by_arm[a]) for a in by_arm))) if by_arm else []
+        entry: dict[str, Any] = {"mean_wa": x, "arms": arms, "seeds_complete": seeds,
+                                 "over_budget": [r["arm"] for r in over],
+                                 "fp": seed_summary(r["fp_metric"] for r in here
+                                                    if r["arm"] == PRIMARY).__dict__}
+        if uni and seeds:
+            sign = 1 if hib else -1
+            best = max(uni, key=lambda a: sign * sum(by_arm[a][s] for s in seeds))
+            per_seed_best = [max((by_arm[a][s] for a in uni), key=lambda v: sign * v)
+                             for s in seeds]
+            entry["best_uniform"] = best
+            comps = {}
+            for m in MIXED:
+                if m not in by_arm:
+                    continue
+                mv = [by_arm[m][s] for s in seeds]
+                comps[m] = {
+                    "vs_best_uniform": paired_difference(
+                        mv, [by_arm[best][s] for s in seeds], hib).to_dict(),
+                    "vs_per_seed_best_uniform": paired_difference(mv, per_seed_best,
+                                                                  hib).to_dict()}
+            entry["comparisons"] = comps
+            entry["holm"] = holm({m: c["vs_best_uniform"]["p_t"] for m, c in comps.items()})
+        out[budget] = entry
+    return out
+
+
+def holm(pvalues: dict[str, float | None]) -> dict[str, float | None]:
+    """Holm-adjusted p-values (the secondary arms are tested together)."""
+    items = sorted(((p, k) for k, p in pvalues.items() if p is not None))
+    adj: dict[str, float | None] = {k: None for k, p in pvalues.items() if p is None}
+    running = 0.0
+    for i, (p, k) in enumerate(items):
+        running = max(running, min(1.0, (len(items) - i) * p))
+        adj[k] = running
+    return adj
+
+
+# ------------------------------------------------------------------------------------------
+def fmt(v: float | None, spec: str = ".4f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def readme(results: dict[str, Any], report_dir: Path) -> str:
+    an = analyse(results)
+    cfg = results["preset"]
+    rows = results["rows"]
+    name = next((r["metric_name"] for r in rows), "metric")
+    lines = ["# Mixed precision vs the best uniform config at equal BOPs",
+             "",
+             "Paired by seed: per seed and budget every arm gets the identical final QAT "
+             "(issue #16). Protocol, written before the runs: [PROTOCOL.md](PROTOCOL.md). "
+             "Written by `benchmarks/mixed_vs_uniform.py` (its docstring has the commands); "
+             f"`python benchmarks/mixed_vs_uniform.py readme {report_dir}/results.json "
+             f"--report-dir {report_dir}` re-renders this page.",
+             ""]
+    findings = report_dir / "findings.md"
+    if findings.exists():
+        lines += [findings.read_text().rstrip(), ""]
+    m = results.get("machine", {})
+    lines += [f"Space `{cfg['space']}`, {cfg['seeds']} seeds planned, device {cfg['device']}"
+              f" ({m.get('gpu') or m.get('cpu', '?')}); torch {m.get('torch', '?')}; commit"
+              f" {str(m.get('git_commit') or '?')[:10]}. Command: `{results.get('command', '?')}`"
+              f"; wall {fmt(results.get('wall_s'), '.0f')} s over the calls.", ""]
+    low = {b: e["comparisons"][PRIMARY]["vs_best_uniform"]["p_t"] for b, e in an.items()
+           if budget_mean(b) <= 9 and PRIMARY in e.get("comparisons", {})}
+    if low:
+        adj = holm(low)
+        verdict = ("shown" if any(p is not None and p < 0.05 for p in adj.values())
+                   else "not shown")
+        lines += [f"**Primary hypothesis** ({PRIMARY} beats the best uniform at a budget with "
+                  "mean w*a <= 9, Holm over those budgets): " + "; ".join(
+                      f"`{b}` p = {fmt(low[b], '.3g')}, Holm {fmt(adj[b], '.3g')}" for b in low)
+                  + f": **{verdict}**.", ""]
+    for budget, e in an.items():
+        lines += [f"## Budget `{budget}` (mean w*a {e['mean_wa']:g} on the quantized layers)", ""]
+        lines += [f"Seeds with every arm finished: {len(e['seeds_complete'])}; FP phase "
+                  f"{name}: {fmt(e['fp']['mean'])} (mean over {e['fp']['n']} seeds).", ""]
+        if e["over_budget"]:
+            lines += [f"**Over budget (a bug): {', '.join(e['over_budget'])}**", ""]
+        lines += [f"| arm | mean w*a | {name} mean | sd | n | seed-to-seed config distance |",
+                  "|---|---|---|---|---|---|"]
+        for arm, a in e["arms"].items():
+            best = " (best uniform)" if arm == e.get("best_uniform") else ""
+            lines.append(f"| {arm}{best} | {fmt(a['mean_wa'], '.2f')} | "
+                         f"{fmt(a['summary']['mean'])} | {fmt(a['summary']['sd'])} | "
+                         f"{a['summary']['n']} | {fmt(a.get('config_distance'), '.1f')} |")
+        lines.append("")
+        if e.get("comparisons"):
+            lines += ["| mixed arm | vs | mean diff | s.e. | wins/ties/losses | p (t, one-sided) "
+                      "| p Holm | p Wilcoxon |", "|---|---|---|---|---|---|---|---|"]
+            for arm, c in e["comparisons"].items():
+                for what, d in (("best uniform " + e["best_uniform"], c["vs_best_uniform"]),
+                                ("per-seed best uniform", c["vs_per_seed_best_uniform"])):
+                    holm_p = e["holm"].get(arm) if what.startswith("best") else None
+                    lines.append(f"| {arm}{' (primary)' if arm == PRIMARY else ''} | {what} | "
+                                 f"{fmt(d['mean'], '+.4f')} | {fmt(d['se'])} | "
+                                 f"{d['wins']}/{d['ties']}/{d['losses']} | {fmt(d['p_t'], '.3g')}"
+                                 f" | {fmt(holm_p, '.3g')} | {fmt(d['p_wilcoxon'], '.3g')} |")
+            lines.append("")
+    lines += ["Differences are oriented: > 0 = the mixed arm is better. Seeds: a seed is an "
+              "initialisation of the new head, a data order and the search's randomness; the "
+              "pretrained encoder and the val split are shared by every seed.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], report_dir: Path) -> None:
+    """results.json (the rows first: they survive a failing analysis) and README.md."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report_dir / "results.json", results)
+    write_json(report_dir / "results.json", {**results, "analysis": analyse(results)})
+    atomic_write_text(report_dir / "README.md", readme(results, report_dir))
+
+
+def run(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
+    t0 = time.monotonic()
+    planned = plan(cfg)
+    prev = report_dir / "results.json"
+    spent = read_json(prev).get("wall_s", 0.0) if prev.exists() else 0.0
+
+    def save() -> None:
+        res = {**collect(cfg, out), "command": command_line(),
+               "machine": machine_info(cfg["device"]),
+               "wall_s": spent + time.monotonic() - t0}
+        write_report(res, report_dir)
+
+    def ran(o) -> None:
+        print(o.describe(), file=sys.stderr, flush=True)
+        if o.status != CACHED:
+            try:                 # a report after every new run; never let it stop the grid
+                save()
+            except Exception as e:  # noqa: BLE001 - reported, and the final save() raises
+                print(f"report not written: {type(e).__name__}: {e}", file=sys.stderr)
+
+    print(f"{len(planned)} runs under {out}", file=sys.stderr, flush=True)
+    run_local([p[3] for p in planned], out, workers=cfg["workers"], threads=cfg["threads"],
+              deadline=t0 + cfg["deadline"] if cfg.get("deadline") else None,
+              keep_going=True, on_outcome=ran)
+    save()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    r.add_argument("--out", required=True, type=Path)
+    r.add_argument("--report-dir", required=True, type=Path)
+    r.add_argument("--seeds", type=int, default=None)
+    r.add_argument("--workers", type=int, default=None)
+    r.add_argument("--deadline", type=float, default=None)
+    g = sub.add_parser("readme")
+    g.add_argument("results", type=Path)
+    g.add_argument("--report-dir", required=True, type=Path)
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        cfg = dict(PRESETS[args.preset])
+        for k in ("seeds", "workers", "deadline"):
+            if getattr(args, k) is not None:
+                cfg[k] = getattr(args, k)
+        run(cfg, args.out, args.report_dir)
+    else:
+        res = read_json(args.results)
+        res.pop("analysis", None)
+        write_report(res, args.report_dir)
+
+
+if __name__ == "__main__":
+    main()
