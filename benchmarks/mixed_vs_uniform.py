@@ -166,12 +166,15 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             if arm in MIXED:
                 arms[arm]["config_distance"] = config_distance(
                     [r["assignment"] for r in rr if r["assignment"]])
-        uni = [a for a in by_arm if a not in MIXED]
-        seeds = sorted(set.intersection(*(set(by_arm[a]) for a in by_arm))) if by_arm else []
+        planned = [*MIXED, *(f"w{w}a{a}" for w, a in
+                             uniform_pairs(results["preset"]["space"], budget))]
+        uni = [a for a in planned if a not in MIXED and a in by_arm]
+        seeds = sorted(set.intersection(*(set(by_arm.get(a, ())) for a in planned)))
         entry: dict[str, Any] = {"mean_wa": x, "arms": arms, "seeds_complete": seeds,
                                  "over_budget": [r["arm"] for r in over],
-                                 "fp": seed_summary(r["fp_metric"] for r in here
-                                                    if r["arm"] == PRIMARY).__dict__}
+                                 "fp": seed_summary({r["seed"]: r["fp_metric"] for r in here
+                                                     if r["fp_metric"] is not None}.values()
+                                                    ).__dict__}
         if uni and seeds:
             sign = 1 if hib else -1
             best = max(uni, key=lambda a: sign * sum(by_arm[a][s] for s in seeds))
