@@ -57,6 +57,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {"space": "minilm-topics", "budgets": ["wa9", "wa6", "w4a4"], "seeds": 8,
             "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
             "deadline": 520, "options": {"proxy_batches": 8}},
+    # One H200, second workload: the small ResNet on Fashion-MNIST, from scratch at the
+    # space's 1200 steps (its FP phase 1200 steps, search 600); first conv and fc pinned w8a8
+    "gpu-fashion": {"space": "fashion-resnet", "budgets": ["wa9", "wa6", "w4a4"], "seeds": 8,
+                    "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
+                    "deadline": 520, "options": {"proxy_batches": 4}},
     # toy size on the CPU: every arm of 2 seeds at 3 steps
     "smoke": {"space": "minilm-topics", "budgets": ["wa9", "w4a4"], "seeds": 2,
               "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
@@ -218,7 +223,7 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
     cfg = results["preset"]
     rows = results["rows"]
     name = next((r["metric_name"] for r in rows), "metric")
-    lines = ["# Mixed precision vs the best uniform config at equal BOPs",
+    lines = [f"# Mixed precision vs the best uniform config at equal BOPs: `{cfg['space']}`",
              "",
              "Paired by seed: per seed and budget every arm gets the identical final QAT "
              "(issue #16). Protocol, written before the runs: [PROTOCOL.md](PROTOCOL.md). "
@@ -270,9 +275,9 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
                                  f"{d['wins']}/{d['ties']}/{d['losses']} | {fmt(d['p_t'], '.3g')}"
                                  f" | {fmt(holm_p, '.3g')} | {fmt(d['p_wilcoxon'], '.3g')} |")
             lines.append("")
-    lines += ["Differences are oriented: > 0 = the mixed arm is better. Seeds: a seed is an "
-              "initialisation of the new head, a data order and the search's randomness; the "
-              "pretrained encoder and the val split are shared by every seed.", ""]
+    lines += ["Differences are oriented: > 0 = the mixed arm is better. A seed sets the "
+              "initialisation (of the new head, for a pretrained model), the data order and the "
+              "search's randomness; the val split is shared by every seed.", ""]
     return "\n".join(lines) + "\n"
 
 
