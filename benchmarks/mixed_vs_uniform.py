@@ -16,13 +16,13 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
 
     # one GPU (one 10-minute call; a second call resumes: finished runs are read back)
     python benchmarks/mixed_vs_uniform.py run --preset gpu --out /tmp/mvu \\
-        --report-dir reports/mixed_vs_uniform
+        --report-dir reports/mixed_vs_uniform/minilm
     # the same plan at toy size on the CPU (checks the script end to end)
     python benchmarks/mixed_vs_uniform.py run --preset smoke --out /tmp/mvu-smoke \\
         --report-dir /tmp/mvu-smoke/report
     # README.md + results.json from a results file
-    python benchmarks/mixed_vs_uniform.py readme reports/mixed_vs_uniform/results.json \\
-        --report-dir reports/mixed_vs_uniform
+    python benchmarks/mixed_vs_uniform.py readme reports/mixed_vs_uniform/minilm/results.json \\
+        --report-dir reports/mixed_vs_uniform/minilm/minilm
 """
 
 from __future__ import annotations
@@ -226,7 +226,8 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
     lines = [f"# Mixed precision vs the best uniform config at equal BOPs: `{cfg['space']}`",
              "",
              "Paired by seed: per seed and budget every arm gets the identical final QAT "
-             "(issue #16). Protocol, written before the runs: [PROTOCOL.md](PROTOCOL.md). "
+             "(issue #16). Protocol, written before the runs: "
+             f"[PROTOCOL.md]({'' if (report_dir / 'PROTOCOL.md').exists() else '../'}PROTOCOL.md). "
              "Written by `benchmarks/mixed_vs_uniform.py` (its docstring has the commands); "
              f"`python benchmarks/mixed_vs_uniform.py readme {report_dir}/results.json "
              f"--report-dir {report_dir}` re-renders this page.",
