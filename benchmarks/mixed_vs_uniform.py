@@ -22,7 +22,7 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
         --report-dir /tmp/mvu-smoke/report
     # README.md + results.json from a results file
     python benchmarks/mixed_vs_uniform.py readme reports/mixed_vs_uniform/minilm/results.json \\
-        --report-dir reports/mixed_vs_uniform/minilm/minilm
+        --report-dir reports/mixed_vs_uniform/minilm
 """
 
 from __future__ import annotations
