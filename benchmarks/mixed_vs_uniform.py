@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--seeds", type=int, default=None)
     r.add_argument("--workers", type=int, default=None)
     r.add_argument("--deadline", type=float, default=None)
+    r.add_argument("--data-dir", default=None, help="the workload's data (Fashion-MNIST)")
     g = sub.add_parser("readme")
     g.add_argument("results", type=Path)
     g.add_argument("--report-dir", required=True, type=Path)
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         for k in ("seeds", "workers", "deadline"):
             if getattr(args, k) is not None:
                 cfg[k] = getattr(args, k)
+        if args.data_dir:
+            cfg["options"] = {**cfg.get("options", {}), "data_dir": args.data_dir}
         run(cfg, args.out, args.report_dir)
     else:
         res = read_json(args.results)
