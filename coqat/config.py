@@ -664,11 +664,12 @@ class RunConfig:
 
     def fp_phase(self, steps: int) -> "RunConfig":
         """The configuration of a search's FP phase: the space's training settings with
-        ``steps`` and this run's lr and batch size. Options that only act on quantized
-        training (quantizer, QAT fraction, optimizer, kernels) stay at the space's values,
-        so every search of one space and seed shares one cached FP phase."""
+        ``steps`` and this run's lr, batch size and compile choice. Options that only act on
+        quantized training (quantizer, QAT fraction, optimizer, kernels) stay at the space's
+        values, so every search of one space and seed shares one cached FP phase."""
         t = self.space.train.replace(steps=steps, lr=self.train.lr,
-                                     batch_size=self.train.batch_size)
+                                     batch_size=self.train.batch_size,
+                                     compile=self.train.compile)
         return dataclasses.replace(self, train=t)
 
     def to_dict(self) -> dict[str, Any]:

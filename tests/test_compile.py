@@ -187,3 +187,19 @@ def test_cli_compile_flag_reaches_the_run_config_and_bad_values_exit_2(tmp_path)
                    "--out", str(tmp_path))
     config = json.loads((Path(rec["run_dir"]) / "config.json").read_text())
     assert config["settings"]["compile"] is False
+
+
+def test_search_and_its_fp_phase_follow_the_compile_choice():
+    """--compile reaches the search's FP phase; the Gumbel weight steps run eagerly on CUDA
+    (CUDA-graph replay broke them there) and as asked elsewhere."""
+    import torch
+
+    from coqat.bitsearch.methods import search_compile
+    from coqat.config import RunConfig
+    from conftest import LM_MICRO
+
+    for choice in ("auto", True, False):
+        cfg = RunConfig.from_options(LM_MICRO, compile=choice)
+        assert cfg.fp_phase(5).train.compile == choice
+        assert search_compile(torch.device("cuda"), choice) is False
+        assert search_compile(torch.device("cpu"), choice) == choice
