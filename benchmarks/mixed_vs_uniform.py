@@ -168,14 +168,22 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
                          "mean_wa": [mean_wa(r["bops"]) for r in rr][:1][0] if arm not in MIXED
                          else seed_summary([mean_wa(r["bops"]) for r in rr]).mean,
                          "seeds": {str(k): v for k, v in sorted(vals.items())}}
-            if arm in MIXED:
+            if arm in MIXED:     # decisions (weights, then activations) that differ
                 arms[arm]["config_distance"] = config_distance(
-                    [r["assignment"] for r in rr if r["assignment"]])
+                    [{f"{k}{i}": b for k in ("w", "a") for i, b in enumerate(r["assignment"][k])}
+                     for r in rr if r["assignment"]])
         planned = [*MIXED, *(f"w{w}a{a}" for w, a in
                              uniform_pairs(results["preset"]["space"], budget))]
         uni = [a for a in planned if a not in MIXED and a in by_arm]
-        seeds = sorted(set.intersection(*(set(by_arm.get(a, ())) for a in planned)))
+        n_seeds = results["preset"]["seeds"]
+        missing = {a: n_seeds - len(by_arm.get(a, {})) for a in planned
+                   if len(by_arm.get(a, {})) < n_seeds}
+        # the seeds on which every uniform arm finished: the best uniform is chosen there,
+        # and each mixed arm is compared on those of them where it finished too
+        seeds = sorted(set.intersection(*(set(by_arm.get(a, ())) for a in planned
+                                          if a not in MIXED)))
         entry: dict[str, Any] = {"mean_wa": x, "arms": arms, "seeds_complete": seeds,
+                                 "not_finished": missing,
                                  "over_budget": [r["arm"] for r in over],
                                  "fp": seed_summary({r["seed"]: r["fp_metric"] for r in here
                                                      if r["fp_metric"] is not None}.values()
@@ -188,14 +196,16 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             entry["best_uniform"] = best
             comps = {}
             for m in MIXED:
-                if m not in by_arm:
+                both = [i for i, s in enumerate(seeds) if s in by_arm.get(m, {})]
+                if len(both) < 2:
                     continue
-                mv = [by_arm[m][s] for s in seeds]
+                mv = [by_arm[m][seeds[i]] for i in both]
                 comps[m] = {
+                    "seeds": [seeds[i] for i in both],
                     "vs_best_uniform": paired_difference(
-                        mv, [by_arm[best][s] for s in seeds], hib).to_dict(),
-                    "vs_per_seed_best_uniform": paired_difference(mv, per_seed_best,
-                                                                  hib).to_dict()}
+                        mv, [by_arm[best][seeds[i]] for i in both], hib).to_dict(),
+                    "vs_per_seed_best_uniform": paired_difference(
+                        mv, [per_seed_best[i] for i in both], hib).to_dict()}
             entry["comparisons"] = comps
             entry["holm"] = holm({m: c["vs_best_uniform"]["p_t"] for m, c in comps.items()})
         out[budget] = entry
@@ -252,8 +262,13 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
                   + f": **{verdict}**.", ""]
     for budget, e in an.items():
         lines += [f"## Budget `{budget}` (mean w*a {e['mean_wa']:g} on the quantized layers)", ""]
-        lines += [f"Seeds with every arm finished: {len(e['seeds_complete'])}; FP phase "
-                  f"{name}: {fmt(e['fp']['mean'])} (mean over {e['fp']['n']} seeds).", ""]
+        lines += [f"Seeds on which every uniform arm finished: {len(e['seeds_complete'])} "
+                  f"({', '.join(map(str, e['seeds_complete']))}); the FP phase's {name}: "
+                  f"{fmt(e['fp']['mean'])} (mean over {e['fp']['n']} seeds).", ""]
+        if e.get("not_finished"):
+            lines += ["Runs not finished (failed or not started; see the log of the call): "
+                      + ", ".join(f"{a} {k} of {cfg['seeds']}"
+                                  for a, k in e["not_finished"].items()) + ".", ""]
         if e["over_budget"]:
             lines += [f"**Over budget (a bug): {', '.join(e['over_budget'])}**", ""]
         lines += [f"| arm | mean w*a | {name} mean | sd | n | seed-to-seed config distance |",
@@ -265,14 +280,15 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
                          f"{a['summary']['n']} | {fmt(a.get('config_distance'), '.1f')} |")
         lines.append("")
         if e.get("comparisons"):
-            lines += ["| mixed arm | vs | mean diff | s.e. | wins/ties/losses | p (t, one-sided) "
-                      "| p Holm | p Wilcoxon |", "|---|---|---|---|---|---|---|---|"]
+            lines += ["| mixed arm | vs | seeds | mean diff | s.e. | wins/ties/losses | "
+                      "p (t, one-sided) | p Holm | p Wilcoxon |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for arm, c in e["comparisons"].items():
                 for what, d in (("best uniform " + e["best_uniform"], c["vs_best_uniform"]),
                                 ("per-seed best uniform", c["vs_per_seed_best_uniform"])):
                     holm_p = e["holm"].get(arm) if what.startswith("best") else None
                     lines.append(f"| {arm}{' (primary)' if arm == PRIMARY else ''} | {what} | "
-                                 f"{fmt(d['mean'], '+.4f')} | {fmt(d['se'])} | "
+                                 f"{d['n']} | {fmt(d['mean'], '+.4f')} | {fmt(d['se'])} | "
                                  f"{d['wins']}/{d['ties']}/{d['losses']} | {fmt(d['p_t'], '.3g')}"
                                  f" | {fmt(holm_p, '.3g')} | {fmt(d['p_wilcoxon'], '.3g')} |")
             lines.append("")
