@@ -20,8 +20,8 @@ from coqat.bitconfig import FLOAT_BITS, BitConfig, LayerBits
 from coqat.bitsearch import run_search
 from coqat.bitsearch.pipeline import load_or_train_fp
 from coqat.bitsearch.problem import Assignment
-from coqat.bitsearch.sensitivity import (FILE, Sensitivity, fp_job, measure, predicted_delta,
-                                         values)
+from coqat.bitsearch.sensitivity import (FILE, Sensitivity, cache_name, fp_job, measure,
+                                         predicted_delta, values)
 from coqat.errors import CoqatError
 from coqat.quant import quantize_model
 from coqat.reporting import sensitivity as view
@@ -173,6 +173,26 @@ def test_method_meets_the_budget_in_the_fill_window_and_is_deterministic(digits)
     assert loss_change(asg) <= loss_change(p.uniform(4, 4)) + 1e-12
     wv, av = values(table, p)
     assert wv[0] == [-rows[p.w_decisions[0].name].at(b) for b in p.w_decisions[0].choices]
+
+
+def test_the_table_is_measured_once_per_fp_phase(digits):
+    """A second sensitivity search of the same FP phase (another budget) reads the table
+    the first one measured and cached beside the FP weights; other batches measure again."""
+    job, out = digits
+    cfg = run_config(DIGITS, out, steps=40, fp_steps=40, proxy_batches=2)
+    notes: list[str] = []
+    first, rec1 = run_search(cfg, "w4a4", "sensitivity", final_qat=False)
+    second, rec2 = run_search(cfg, "0.8*w4a4+0.2*w2a4", "sensitivity", final_qat=False,
+                              say=notes.append)
+    assert any("sensitivity: reusing" in n for n in notes)
+    fp_dir = Path(rec1.search.fp_phase["cache"])
+    cached = fp_dir / cache_name(job.problem, 2, cfg.train.eval_batch_size, "cpu")
+    t1, t2 = (Sensitivity.load(r.file(f"search/{FILE}")) for r in (first, second))
+    assert t1.to_dict() == t2.to_dict() == Sensitivity.load(cached).to_dict()
+    before = set(fp_dir.glob("sensitivity-*.json"))
+    other = run_config(DIGITS, out, steps=40, fp_steps=40, proxy_batches=1)
+    run_search(other, "w4a4", "sensitivity", final_qat=False)
+    assert len(set(fp_dir.glob("sensitivity-*.json")) - before) == 1
 
 
 def test_low_bit_candidates_meet_a_mean_wa_budget_exactly(tmp_path):

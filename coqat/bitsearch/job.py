@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from coqat.config import RunConfig, SearchSettings
@@ -44,6 +45,7 @@ class SearchContext:
     say: Callable[[str], None]                # one-line phase notes for people
     seconds: float | None = None              # time limit of time-boxed methods (Optuna)
     run: RunDir | None = None                 # the search's run directory (files under search/)
+    fp_dir: Path | None = None                # the cached FP phase the weights came from
 
 
 @dataclass

@@ -194,10 +194,20 @@ class SensitivityMethod:
         bs = prep.settings.eval_batch_size
         ctx.say(f"sensitivity: {len(p.w_decisions)} weight + {len(p.a_decisions)} activation"
                 f" decisions, {s.proxy_batches} holdout batch(es) of {bs}")
-        table = sensitivity.measure(prep.model, p, prep.workload, batches=s.proxy_batches,
-                                    batch_size=bs, device=prep.device,
-                                    source=job.config.space.name,
-                                    weights=f"FP phase ({job.fp_steps} steps, seed {job.seed})")
+        table, cached = None, None
+        if ctx.fp_dir is not None:     # the table depends on the FP weights only: measured
+            cached = ctx.fp_dir / sensitivity.cache_name(p, s.proxy_batches, bs, prep.device)
+            if cached.is_file():       # once per FP phase, whatever the budget
+                table = sensitivity.Sensitivity.load(cached)
+                ctx.say(f"sensitivity: reusing {cached}")
+        if table is None:
+            table = sensitivity.measure(prep.model, p, prep.workload, batches=s.proxy_batches,
+                                        batch_size=bs, device=prep.device,
+                                        source=job.config.space.name,
+                                        weights=f"FP phase ({job.fp_steps} steps, seed"
+                                                f" {job.seed})")
+            if cached is not None:
+                table.save(cached)
         if ctx.run is not None:
             table.save(ctx.run.file(f"search/{sensitivity.FILE}"))
         wv, av = sensitivity.values(table, p)

@@ -138,9 +138,11 @@ def execute_search(job: SearchJob, final_qat: bool = True, seconds: float | None
     trace = jsonl_appender(run.file(f"{SEARCH_DIR}/trace.jsonl"))
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
+    fp_dir = None
     if method.needs_fp:
         info["fp_phase"] = load_or_train_fp(job, say)
-    choice = method.choose(job, SearchContext(trace, say, seconds, run))
+        fp_dir = Path(info["fp_phase"]["cache"])
+    choice = method.choose(job, SearchContext(trace, say, seconds, run, fp_dir))
     asg = choice.assignment
     info.update(choice.info)
     info["search_wall_s"] = round(time.perf_counter() - t0, 2)

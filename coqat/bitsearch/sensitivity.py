@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -56,7 +57,7 @@ from coqat.util import atomic_write_text, read_json
 from coqat.workloads.base import Workload, to_device
 
 __all__ = ["SCHEMA", "FILE", "DecisionSensitivity", "Sensitivity", "measure",
-           "check_widths", "fp_job", "values", "predicted_delta"]
+           "check_widths", "fp_job", "values", "predicted_delta", "cache_name"]
 
 SCHEMA = "coqat.sensitivity/v1"
 FILE = "sensitivity.json"
@@ -272,6 +273,18 @@ def measure(model: nn.Module, problem: SearchProblem, workload: Workload, *,
                        baseline_loss=statistics.fmean(base), baseline_se=_se(base),
                        decisions=rows, forward_passes=total,
                        wall_s=round(time.perf_counter() - t0, 2), device=str(device))
+
+
+def cache_name(problem: SearchProblem, batches: int, batch_size: int,
+               device: torch.device | str) -> str:
+    """The file name of ``problem``'s table in a cached FP phase's directory: it names what
+    the table depends on besides the weights (decisions and their widths, quantizer, batches,
+    device type), so a search of another space or another proxy never reads it."""
+    doc = {"schema": SCHEMA, "quantizer": problem.quantizer, "batches": batches,
+           "batch_size": batch_size, "device": torch.device(device).type,
+           "decisions": [[d.name, list(d.layers), list(d.choices)] for d in problem.decisions]}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    return f"sensitivity-{key}.json"
 
 
 # ----- the FP phase the search caches ----------------------------------------------------------
