@@ -329,11 +329,13 @@ def _print_search(records) -> None:
 
     first = records[0]
     s = first.search
+    mean = (f" (searchable layers: mean w*a <= {s.budget_mean_wa:.3g})"
+            if s.budget_mean_wa is not None else "")
     t = Table(title=Text(f"{first.space}: budget {s.budget_expr} = {s.budget_bops / 1e9:.4g}"
-                         f" GBOPs, seed {first.seed}"),
+                         f" GBOPs{mean}, seed {first.seed}"),
               title_justify="left", box=box.SIMPLE_HEAD, header_style="bold")
-    for col in ("method", "GBOPs", "of budget", "searchable", first.metric_name, "bits",
-                "run"):
+    for col in ("method", "GBOPs", "of budget", "searchable", "mean w*a", first.metric_name,
+                "bits", "run"):
         t.add_column(col, overflow="fold")
     for r in records:
         metric = "-" if r.metric is None else f"{r.metric:.4f}"
@@ -342,6 +344,7 @@ def _print_search(records) -> None:
         t.add_row(*(Text(c) for c in (
             r.method, f"{r.search.achieved_bops / 1e9:.4g}",
             f"{r.search.achieved_over_budget:.3f}", f"{r.search.searchable_over_budget:.3f}",
+            "-" if r.search.mean_wa is None else f"{r.search.mean_wa:.3g}",
             metric, hist, str(r.run_dir))))
     console.print(t)
     rep = s.repair

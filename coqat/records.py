@@ -57,6 +57,10 @@ class SearchRecord:
     optuna: dict[str, Any] | None = None
     mu_final: float | None = None
     arch_steps: int | None = None
+    # the searchable layers' MAC-weighted mean w_bits*a_bits: achieved, and what the budget
+    # allows them (the budget on the searchable layers, the EdMIPS convention; ``waX``)
+    mean_wa: float | None = None
+    budget_mean_wa: float | None = None
 
     _REQUIRED = ("method", "budget_expr", "budget_bops", "achieved_bops")
 

@@ -467,6 +467,19 @@ def test_cli_search_with_baselines_json(runs):
     assert res["baselines"]["uniform"]["uniform"] == "w6a6"
 
 
+def test_cli_search_on_the_searchable_layers_shows_the_mean_wa(runs):
+    """``--budget wa20``: the searchable layers' mean w*a at most 20; the table shows the
+    budget's mean and the achieved one (uniform w3a6: 18 = the largest pair that fits)."""
+    proc = run_cli("search", "--space", LM_MICRO, "--budget", "wa20", "--method", "uniform",
+                   "--steps", "3", "--out", str(runs))
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "mean w*a <= 20" in out and "mean w*a" in out and " 18 " in out
+    rec = json.loads(next(runs.glob("*/final.json")).read_text())
+    assert rec["uniform"] == "w3a6" and rec["mean_wa"] == pytest.approx(18)
+    assert rec["budget_mean_wa"] == pytest.approx(20)
+
+
 @pytest.mark.parametrize("budget,needle", [("w2a2", "below the cheapest"),
                                            ("fp32", "above the most expensive")])
 def test_cli_infeasible_budget_is_a_one_line_error(runs, budget, needle):

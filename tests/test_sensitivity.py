@@ -209,9 +209,11 @@ def test_low_bit_candidates_meet_a_mean_wa_budget_exactly(tmp_path):
     _, uni = run_search(cfg, "wa6", "uniform", final_qat=False)
     assert uni.search.uniform == "w2a3"                   # w3a2 costs the same; more a wins
     assert uni.search.achieved_bops == uni.search.budget_bops   # w*a = 6 fills it exactly
+    assert uni.search.mean_wa == pytest.approx(6) and uni.search.budget_mean_wa == pytest.approx(6)
     run, sens = run_search(cfg, "wa6", "sensitivity")
     s = sens.search
     assert s.achieved_bops <= s.budget_bops and s.searchable_over_budget >= 0.97
+    assert 0.97 * 6 <= s.mean_wa <= 6 + 1e-9
     assert set(s.assignment["a"]) <= {2, 3, 4, 8} and sens.metric is not None
     bits = BitConfig.load(run.file("bitconfig.json"))
     assert min(b.a_bits for b in bits.layers.values()) <= 3   # 6 < 4*2 forces a low input

@@ -152,6 +152,7 @@ def execute_search(job: SearchJob, final_qat: bool = True, seconds: float | None
         raise RuntimeError(f"search method {job.method} returned {bops} BOPs over the budget"
                            f" {job.budget.bops}")
     free = job.budget.bops - p.fixed_bops
+    macs = sum(p.macs[n] for n in p.searchable)
     fields = {f.name for f in dataclasses.fields(SearchRecord)}
     record = SearchRecord(
         method=job.method, budget_expr=job.budget.expr, budget_bops=job.budget.bops,
@@ -161,6 +162,8 @@ def execute_search(job: SearchJob, final_qat: bool = True, seconds: float | None
         fill_floor_bops=fill_floor(p, job.budget.bops, job.settings.fill),
         bits_histogram=bits_histogram(p, asg),
         assignment={"w": list(asg.w), "a": list(asg.a)}, target=job.target,
+        mean_wa=(bops - p.fixed_bops) / macs if macs else None,
+        budget_mean_wa=free / macs if macs else None,
         **{k: v for k, v in info.items() if k in fields})
     cfg = p.config(asg, meta={
         "method": job.method, "budget_expr": job.budget.expr, "budget_bops": job.budget.bops,
