@@ -1,0 +1,61 @@
+"""benchmarks/mixed_vs_uniform.py: the uniform arms it plans and the statistics it reports,
+on known inputs (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import LM_MICRO
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def mvu():
+    spec = importlib.util.spec_from_file_location(
+        "mixed_vs_uniform", ROOT / "benchmarks" / "mixed_vs_uniform.py")
+    mod = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = saved
+    return mod
+
+
+def test_uniform_arms_are_the_maximal_pairs_under_the_budget(mvu):
+    # lm-micro: weights {2,3,4,6,8} x activations {4,6,8}
+    assert mvu.uniform_pairs(LM_MICRO, "wa9") == [(2, 4)]
+    assert mvu.uniform_pairs(LM_MICRO, "w4a4") == [(2, 8), (4, 4)]
+    assert mvu.uniform_pairs(LM_MICRO, "wa24") == [(3, 8), (4, 6), (6, 4)]
+    assert mvu.budget_mean("wa7.5") == 7.5 and mvu.budget_mean("w3a4") == 12
+
+
+def test_holm_adjusts_in_rank_order_and_keeps_missing_values(mvu):
+    adj = mvu.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
+    assert adj == {"a": pytest.approx(0.03), "c": pytest.approx(0.06),
+                   "b": pytest.approx(0.06), "d": None}
+
+
+def test_analysis_pairs_each_mixed_arm_with_the_best_uniform_by_seed(mvu):
+    acc = {"w2a8": [0.90, 0.91, 0.92], "w4a4": [0.93, 0.92, 0.94],
+           "sensitivity": [0.94, 0.93, 0.96], "random": [0.90, 0.90]}   # random: 2 seeds
+    rows = [{"arm": arm, "budget": "w4a4", "seed": s, "metric": v, "metric_name": "val_acc",
+             "higher_is_better": True, "bops": 100 + 16 * 10, "budget_bops": 260,
+             "fixed_bops": 100, "assignment": {"w": [4], "a": [4]}, "fp_metric": 0.95}
+            for arm, vals in acc.items() for s, v in enumerate(vals)]
+    res = {"preset": {"space": LM_MICRO, "budgets": ["w4a4"], "seeds": 3, "device": "cpu"},
+           "rows": rows}
+    e = mvu.analyse(res)["w4a4"]
+    assert e["best_uniform"] == "w4a4" and e["seeds_complete"] == [0, 1, 2]
+    assert e["not_finished"] == {"gumbel": 3, "random": 1}
+    s = e["comparisons"]["sensitivity"]["vs_best_uniform"]
+    assert s["differences"] == pytest.approx([0.01, 0.01, 0.02]) and s["wins"] == 3
+    assert e["comparisons"]["random"]["seeds"] == [0, 1]
+    assert "gumbel" not in e["comparisons"]
+    assert e["arms"]["w4a4"]["mean_wa"] == pytest.approx(16)
+    assert "Primary hypothesis" not in mvu.readme(res, ROOT / "reports")   # no budget <= 9
