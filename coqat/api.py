@@ -371,7 +371,7 @@ _RUN_OPTIONS = ("device", "data_dir", "progress")
 def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model: Any = None,
                 data: Any = None, run: str | Path | None = None, bits: str | Sequence[int] | None = None,
                 batches: int = 8, batch_size: int | None = None, weights: str = "auto",
-                save: str | Path | None = None,
+                estimate: str = "measured", save: str | Path | None = None,
                 on_cell: Callable[[int, int], None] | None = None,
                 say: Callable[[str], None] | None = None, **options: Any) -> Sensitivity:
     """Per decision (each layer's weight, each tie group's input) and width, the change of
@@ -384,19 +384,25 @@ def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model
     ``out``, so a later search reuses it; the default for a space) or ``"given"`` (the
     model as built: a user's pretrained model, the default with ``model``).
     ``bits``: widths to measure ("2,4,8" or a list; default every candidate of the space).
+    ``estimate="fisher"``: the second-order estimate from one forward and backward pass per
+    batch instead of one forward pass per cell (``coqat.bitsearch.sensitivity.estimate``).
     ``save``: a directory to write sensitivity.json, sensitivity.html and sensitivity.png
     into (a run directory is fine: ``coqat report`` then shows the heatmap).
     ``options``: RunConfig fields (seed, fp_steps, device, out, ...); with ``run`` only
     device and data_dir."""
     from coqat.bitsearch.pipeline import load_or_train_fp
     from coqat.bitsearch.problem import SearchProblem
-    from coqat.bitsearch.sensitivity import check_widths, fp_job, measure
+    from coqat.bitsearch.sensitivity import ESTIMATES, check_widths, fp_job, measure
+    from coqat.bitsearch.sensitivity import estimate as fisher
     from coqat.config import run_config_from_json
     from coqat.exporters.loading import first_problem
     from coqat.rundir import CONFIG, RunDir
 
     say = say or (lambda _msg: None)
     widths = _parse_widths(bits)
+    if estimate not in ESTIMATES:
+        raise CoqatError(f"estimate {estimate!r} is not a way to get the table; use"
+                         f" {' or '.join(ESTIMATES)}")
     if weights not in ("auto", "fp-phase", "given"):
         raise CoqatError(f"weights {weights!r} is not a source of weights; use auto, fp-phase"
                          " or given")
@@ -445,9 +451,14 @@ def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model
             label = "the model as given" if model is not None else \
                 "the model as initialised (untrained)"
         source = config.space.name
-    table = measure(prep.model, problem, prep.workload, bits=widths, batches=batches,
-                    batch_size=batch_size or prep.settings.eval_batch_size,
-                    device=prep.device, source=source, weights=label, on_cell=on_cell)
+    if estimate == "fisher":
+        table = fisher(prep.model, problem, prep.workload, bits=widths, batches=batches,
+                       batch_size=batch_size or prep.settings.eval_batch_size,
+                       device=prep.device, source=source, weights=label)
+    else:
+        table = measure(prep.model, problem, prep.workload, bits=widths, batches=batches,
+                        batch_size=batch_size or prep.settings.eval_batch_size,
+                        device=prep.device, source=source, weights=label, on_cell=on_cell)
     table.notes.extend(notes)
     if save is not None:
         from coqat.reporting.sensitivity import FILE, write_page

@@ -395,6 +395,10 @@ def sensitivity(
     fp_steps: Annotated[Optional[int], typer.Option(
         "--fp-steps", help="FP phase steps (default: search.fp_steps of the space, else its"
         " steps)")] = None,
+    estimate: Annotated[str, typer.Option(
+        "--estimate", help="measured (one forward pass per cell) | fisher (1/2 N sum g^2"
+        " e^2 from one forward and backward pass per batch: cheaper, an estimate)")]
+    = "measured",
     quantizer: QuantizerOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None, out: OutOpt = "runs",
     to: Annotated[Optional[Path], typer.Option(
@@ -432,7 +436,8 @@ def sensitivity(
     dest = to if to is not None else run
     try:
         table = coqat.sensitivity(space, model=model, data=data, run=run, bits=bits,
-                                  batches=batches, batch_size=batch_size, weights=weights, save=dest,
+                                  batches=batches, batch_size=batch_size, weights=weights,
+                                  estimate=estimate, save=dest,
                                   on_cell=show if progress else None,
                                   say=(lambda msg: _say(msg, style="dim")) if progress
                                   else None, **options)

@@ -317,6 +317,7 @@ class SearchSettings:
         fill = 0.97               # repair: use at least this share of the budget's searchable part
         trace_every = 5           # per-decision probabilities in the trace every N arch steps
         proxy_batches = 2         # Optuna/random proxy: holdout batches per evaluated config
+        sensitivity_estimate = "measured"  # --method sensitivity: measured | fisher table
         optuna_trials = 0         # cap on Optuna trials (0: no cap, only the time limit)
         optuna_seconds = 0.0      # Optuna's wall-clock (0: the Gumbel search's, measured)
 
@@ -340,6 +341,7 @@ class SearchSettings:
     fill: float = 0.97
     trace_every: int = 5
     proxy_batches: int = 2
+    sensitivity_estimate: str = "measured"
     optuna_trials: int = 0
     optuna_seconds: float = 0.0
 
@@ -351,6 +353,9 @@ class SearchSettings:
         for name in ("fp_steps", "search_steps", "arch_batch_size"):
             v = getattr(self, name)
             need(v is None or _is_int(v, lo=1), f"{name} must be a positive integer (got {v!r})")
+        need(self.sensitivity_estimate in ("measured", "fisher"),
+             f"sensitivity_estimate must be 'measured' or 'fisher' (got"
+             f" {self.sensitivity_estimate!r})")
         for name in ("arch_every", "trace_every", "proxy_batches"):
             v = getattr(self, name)
             need(_is_int(v, lo=1), f"{name} must be a positive integer (got {v!r})")

@@ -111,6 +111,29 @@ def test_hard_sample_mixing_conv_equals_quantconv_bit_for_bit():
         assert torch.equal(mix(x), ref(x))
 
 
+def test_quant_error_is_the_perturbation_the_layer_output_sees():
+    """One operand quantized, the other float: the output moves by exactly the layer applied
+    to ``quant_error`` (linear in each operand), for Linear and Conv2d, weight and input."""
+    torch.manual_seed(3)
+    lin = SearchLinear.from_float(nn.Linear(64, 24, bias=False), (2, 4, 16), (3, 8, 16))
+    conv = SearchConv2d.from_float(nn.Conv2d(16, 8, 3, padding=1, bias=False), (2, 16), (4, 16))
+    cases = [(lin, torch.randn(4, 7, 64), F.linear), (conv, torch.randn(2, 16, 5, 5),
+                                                       lambda x, w: conv._conv_forward(x, w, None))]
+    for m, x, apply in cases:
+        wf, af = len(m.w_choices) - 1, len(m.a_choices) - 1          # the float choices
+        m.set_mix(wf, af)
+        base = m(x)
+        m.set_mix(0, af)
+        e_w = m.quant_error("w", 0, m.weight.detach())
+        torch.testing.assert_close(m(x) - base, apply(x, e_w), atol=2e-5, rtol=1e-4)
+        m.set_mix(wf, 0)
+        e_x = m.quant_error("a", 0, x)
+        torch.testing.assert_close(m(x) - base, apply(e_x, m.weight.detach()), atol=2e-5,
+                                   rtol=1e-4)
+        assert not torch.any(m.quant_error("w", wf, m.weight.detach()))   # float: no error
+        assert e_w.abs().max() > 0 and e_x.abs().max() > 0
+
+
 def test_soft_mixing_is_the_weighted_sum_of_quantized_operands_in_one_matmul():
     """Independent reference: fake_quant per candidate (rotated basis), mixed, one linear."""
     torch.manual_seed(3)

@@ -20,10 +20,10 @@ from coqat.bitconfig import FLOAT_BITS, BitConfig, LayerBits
 from coqat.bitsearch import run_search
 from coqat.bitsearch.pipeline import load_or_train_fp
 from coqat.bitsearch.problem import Assignment
-from coqat.bitsearch.sensitivity import (FILE, Sensitivity, cache_name, fp_job, measure,
-                                         predicted_delta, values)
+from coqat.bitsearch.sensitivity import (FILE, Sensitivity, cache_name, estimate, fp_job,
+                                         measure, predicted_delta, values)
 from coqat.errors import CoqatError
-from coqat.quant import quantize_model
+from coqat.quant import QuantConv2d, QuantLinear, quantize_model
 from coqat.reporting import sensitivity as view
 from coqat.rundir import RunDir
 from conftest import DIGITS, LM_MICRO, assert_one_line_error, cli_json, run_cli, run_config, \
@@ -78,6 +78,35 @@ def test_a_cell_is_the_loss_change_of_quantizing_that_one_tensor_by_hand(digits)
     # the model given is not changed by measuring it
     assert all(type(m).__name__ in ("Linear", "Conv2d")
                for n, m in prep.model.named_modules() if n in p.searchable)
+
+
+def test_the_fisher_estimate_is_half_n_g2_e2_computed_by_hand(digits):
+    """``estimate``: each weight cell is 1/2 * N * sum(g^2 * e^2), g the gradient of the batch
+    loss of the float model (plain autograd here) and e = QuantLinear/QuantConv2d's own
+    projection minus the weight (another code path than the search layers'); every cell is
+    >= 0 and the 2-bit cell exceeds the 8-bit one; one forward/backward pass per batch."""
+    job, _ = digits
+    prep, p = job.fp_prep, job.problem
+    table = estimate(prep.model, p, prep.workload, batches=2, batch_size=32)
+    assert table.forward_passes == 2 and "Fisher" in table.notes[0]
+    rows = {d.name: d for d in table.decisions}
+    wd = p.w_decisions[1]
+    name = wd.layers[0]
+    per_batch = []
+    for k in range(2):
+        model = copy.deepcopy(prep.model)
+        batch = prep.workload.get_batch("holdout", k, 32)
+        prep.workload.loss(model, batch).backward()
+        layer = model.get_submodule(name)
+        q = (QuantConv2d if isinstance(layer, torch.nn.Conv2d) else QuantLinear).from_float(
+            copy.deepcopy(layer), 2, FLOAT_BITS)
+        e = q.project_weight() - layer.weight.detach()
+        per_batch.append(0.5 * batch[0].shape[0] * float((layer.weight.grad ** 2 * e ** 2).sum()))
+    assert rows[wd.name].at(2) == pytest.approx(sum(per_batch) / 2, rel=1e-4)
+    for d in table.decisions:
+        assert all(v >= 0 for v in d.delta)
+        assert d.delta[0] > d.delta[-1]                 # lowest width vs highest
+        assert all(se is not None for se in d.se)
 
 
 def test_low_widths_hurt_more_than_high_ones_and_every_decision_is_measured(digits):
@@ -175,6 +204,24 @@ def test_method_meets_the_budget_in_the_fill_window_and_is_deterministic(digits)
     assert wv[0] == [-rows[p.w_decisions[0].name].at(b) for b in p.w_decisions[0].choices]
 
 
+def test_method_with_the_fisher_estimate_meets_the_budget_and_caches_apart(digits):
+    job, out = digits
+    cfg = run_config(DIGITS, out, steps=40, fp_steps=40, proxy_batches=2,
+                     sensitivity_estimate="fisher")
+    run, rec = run_search(cfg, "w4a4", "sensitivity", final_qat=False)
+    s = rec.search
+    assert s.achieved_bops <= s.budget_bops and s.searchable_over_budget >= 0.97
+    table = Sensitivity.load(run.file(f"search/{FILE}"))
+    assert "Fisher" in table.notes[0] and table.forward_passes == 2
+    fp_dir = Path(s.fp_phase["cache"])
+    assert (fp_dir / cache_name(job.problem, 2, cfg.train.eval_batch_size, "cpu",
+                                "fisher")).is_file()
+    _, again = run_search(cfg, "w4a4", "sensitivity", final_qat=False)
+    assert again.search.assignment == s.assignment
+    with pytest.raises(CoqatError, match="sensitivity_estimate"):
+        run_config(DIGITS, out, sensitivity_estimate="hessian")
+
+
 def test_the_table_is_measured_once_per_fp_phase(digits):
     """A second sensitivity search of the same FP phase (another budget) reads the table
     the first one measured and cached beside the FP weights; other batches measure again."""
@@ -253,6 +300,12 @@ def test_cli_table_json_and_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "8 bits" in proc.stdout and "w:0.self_attn.q_proj" in proc.stdout
     assert "FP phase: reusing" in proc.stdout           # the cached FP phase of the first call
+    fisher = cli_json("sensitivity", "--space", LM_MICRO, "--fp-steps", "3", "--bits", "2,4",
+                      "--batches", "2", "--estimate", "fisher", "--out", str(tmp_path),
+                      "--to", str(tmp_path / "fisher"))
+    assert fisher["forward_passes"] == 2 and "Fisher" in fisher["notes"][0]
+    assert [d["name"] for d in fisher["decisions"]] == [d["name"] for d in res["decisions"]]
+    assert all(v >= 0 for d in fisher["decisions"] for v in d["delta"])
 
 
 @pytest.mark.parametrize("args,needles", [
@@ -260,6 +313,7 @@ def test_cli_table_json_and_files(tmp_path):
     (["--space", LM_MICRO, "--bits", "5"], ["width(s) 5", "not a candidate"]),
     (["--space", LM_MICRO, "--bits", "two"], ["not a list of widths"]),
     (["--space", LM_MICRO, "--weights", "random"], ["not a source of weights"]),
+    (["--space", LM_MICRO, "--estimate", "hessian"], ["not a way to get the table", "fisher"]),
 ])
 def test_cli_bad_input_is_a_one_line_error(tmp_path, args, needles):
     out = [] if "--run" in args else ["--out", str(tmp_path / "runs")]

@@ -184,7 +184,9 @@ class SensitivityMethod:
     budget's fill window. No training, no randomness: the same FP phase gives the same config.
 
     The table is measured on ``[search] proxy_batches`` holdout batches of the eval batch
-    size (the batches Optuna's proxy also uses) and written to ``search/sensitivity.json``.
+    size (the batches Optuna's proxy also uses) and written to ``search/sensitivity.json``;
+    with ``[search] sensitivity_estimate = "fisher"`` it is the second-order estimate
+    (``sensitivity.estimate``) on the same batches instead.
     """
 
     name, needs_fp = "sensitivity", True
@@ -194,18 +196,19 @@ class SensitivityMethod:
         bs = prep.settings.eval_batch_size
         ctx.say(f"sensitivity: {len(p.w_decisions)} weight + {len(p.a_decisions)} activation"
                 f" decisions, {s.proxy_batches} holdout batch(es) of {bs}")
+        how = s.sensitivity_estimate
         table, cached = None, None
         if ctx.fp_dir is not None:     # the table depends on the FP weights only: measured
-            cached = ctx.fp_dir / sensitivity.cache_name(p, s.proxy_batches, bs, prep.device)
+            cached = ctx.fp_dir / sensitivity.cache_name(p, s.proxy_batches, bs, prep.device,
+                                                         how)
             if cached.is_file():       # once per FP phase, whatever the budget
                 table = sensitivity.Sensitivity.load(cached)
                 ctx.say(f"sensitivity: reusing {cached}")
         if table is None:
-            table = sensitivity.measure(prep.model, p, prep.workload, batches=s.proxy_batches,
-                                        batch_size=bs, device=prep.device,
-                                        source=job.config.space.name,
-                                        weights=f"FP phase ({job.fp_steps} steps, seed"
-                                                f" {job.seed})")
+            get = sensitivity.estimate if how == "fisher" else sensitivity.measure
+            table = get(prep.model, p, prep.workload, batches=s.proxy_batches, batch_size=bs,
+                        device=prep.device, source=job.config.space.name,
+                        weights=f"FP phase ({job.fp_steps} steps, seed {job.seed})")
             if cached is not None:
                 table.save(cached)
         if ctx.run is not None:

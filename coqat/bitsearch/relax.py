@@ -217,6 +217,20 @@ class _SearchLayer:
         r = _rotate(t, self.block)
         return mix_quantized(r, choices, mix, self.method, rows).to(t.dtype)
 
+    def quant_error(self, kind: str, index: int, t: torch.Tensor) -> torch.Tensor:
+        """Q(t) - t in the original basis, ``t`` the weight (``kind`` "w") or an input of
+        this layer ("a") quantized at choice ``index`` exactly as the forward does (rotated,
+        quantized, rotated back): the perturbation the layer's output sees. No gradient."""
+        choices = self.w_choices if kind == "w" else self.a_choices
+        if choices[index] == FLOAT_BITS:
+            return torch.zeros_like(t)
+        with torch.no_grad():
+            return self._error(kind, choices, index, t)
+
+    def _error(self, kind: str, choices, index: int, t: torch.Tensor) -> torch.Tensor:
+        q = self._operand(t, choices, index)
+        return _rotate(q, self.block) - t
+
     def _search_repr(self) -> str:
         return (f"w_choices={list(self.w_choices)}, a_choices={list(self.a_choices)}, "
                 f"method={self.method}, block={self.block}")
@@ -286,6 +300,14 @@ class SearchConv2d(_SearchLayer, nn.Conv2d):
             wq = self._operand(w, self.w_choices, w_mix, rows=per_channel)
         return self._conv_forward(xq.contiguous(), wq.permute(0, 3, 1, 2).contiguous(),
                                   self.bias)
+
+    def _error(self, kind: str, choices, index: int, t: torch.Tensor) -> torch.Tensor:
+        if kind == "w":                      # the forward's layout: [out, kh, kw, in] rows
+            w = t.permute(0, 2, 3, 1)
+            q = self._operand(w, choices, index, rows=lambda r: r.reshape(r.shape[0], -1))
+            return (_rotate(q, self.block) - w).permute(0, 3, 1, 2)
+        x = t.movedim(-3, -1)                # one row per pixel, channels last
+        return (_rotate(self._operand(x, choices, index), self.block) - x).movedim(-1, -3)
 
     def extra_repr(self) -> str:
         return f"{nn.Conv2d.extra_repr(self)}, {self._search_repr()}"

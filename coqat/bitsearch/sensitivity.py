@@ -56,10 +56,12 @@ from coqat.training.loop import autocast
 from coqat.util import atomic_write_text, read_json
 from coqat.workloads.base import Workload, to_device
 
-__all__ = ["SCHEMA", "FILE", "DecisionSensitivity", "Sensitivity", "measure",
+__all__ = ["SCHEMA", "ESTIMATES", "FILE", "DecisionSensitivity", "Sensitivity", "measure", "estimate",
            "check_widths", "fp_job", "values", "predicted_delta", "cache_name"]
 
 SCHEMA = "coqat.sensitivity/v1"
+#: how a table is obtained: measured loss changes, or the second-order Fisher estimate
+ESTIMATES = ("measured", "fisher")
 FILE = "sensitivity.json"
 
 
@@ -219,6 +221,21 @@ def _se(xs: Sequence[float]) -> float | None:
     return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None
 
 
+def _probe_model(model: nn.Module, problem: SearchProblem, bits: Sequence[int] | None,
+                 batches: int, batch_size: int, device: torch.device | str):
+    """Checked arguments and a copy of ``model`` with mixing layers for every decision
+    (float added to each): (widths, device, probe problem, copy, FQN -> mixing layer)."""
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise CoqatError(f"batches must be an integer >= 1 (got {batches!r})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CoqatError(f"batch size must be an integer >= 1 (got {batch_size!r})")
+    widths = check_widths(problem, bits)
+    device = torch.device(device)
+    probe = _probe_problem(problem)
+    net = copy.deepcopy(model).to(device).eval()
+    return widths, device, probe, net, to_search_model(net, probe, problem.quantizer)
+
+
 def measure(model: nn.Module, problem: SearchProblem, workload: Workload, *,
             bits: Sequence[int] | None = None, batches: int = 8, batch_size: int = 32,
             device: torch.device | str = "cpu", split: str = "holdout",
@@ -227,16 +244,9 @@ def measure(model: nn.Module, problem: SearchProblem, workload: Workload, *,
     """Measure the table on ``model``'s current weights (the model itself is not changed:
     a copy is probed). ``bits``: the widths to measure (default: every candidate).
     ``on_cell(done, total)`` is called after each forward pass over the batches."""
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise CoqatError(f"batches must be an integer >= 1 (got {batches!r})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise CoqatError(f"batch size must be an integer >= 1 (got {batch_size!r})")
-    widths = check_widths(problem, bits)
-    device = torch.device(device)
     t0 = time.perf_counter()
-    probe = _probe_problem(problem)
-    net = copy.deepcopy(model).to(device).eval()
-    modules = to_search_model(net, probe, problem.quantizer)
+    widths, device, probe, net, modules = _probe_model(model, problem, bits, batches,
+                                                       batch_size, device)
     data = [to_device(workload.get_batch(split, i, batch_size), device) for i in range(batches)]
 
     def losses(asg: Assignment) -> list[float]:
@@ -275,13 +285,106 @@ def measure(model: nn.Module, problem: SearchProblem, workload: Workload, *,
                        wall_s=round(time.perf_counter() - t0, 2), device=str(device))
 
 
+def estimate(model: nn.Module, problem: SearchProblem, workload: Workload, *,
+             bits: Sequence[int] | None = None, batches: int = 8, batch_size: int = 32,
+             device: torch.device | str = "cpu", split: str = "holdout",
+             source: str = "", weights: str = "") -> Sensitivity:
+    """The same table as ``measure``, estimated to second order from gradients instead of
+    measured by forward passes (the Fisher estimate; ``coqat sensitivity --estimate fisher``).
+
+    For a tensor T (a weight, or a tie group's shared input on a batch) quantized at b bits,
+    with e = Q_b(T) - T the perturbation the layer sees (rotated, quantized, rotated back:
+    ``quant_error``) and g the gradient of the batch's mean loss with respect to T, all float:
+
+        delta ~= 1/2 * N * sum(g^2 * e^2)
+
+    the loss Hessian replaced by its diagonal empirical Fisher, N * g^2 for a batch of N
+    samples (a batch-mean gradient has 1/N of the per-sample variance). The first-order term
+    is left out (zero in expectation at a trained point). Unlike a measured cell it cannot be
+    negative and it grows as b falls, and it costs one forward and backward pass per batch
+    however many decisions and widths there are. ``se`` is the standard error over the
+    batches. It is an estimate of the measured table, not the same number: compare them
+    with ``coqat sensitivity`` before trusting either for a search.
+    """
+    t0 = time.perf_counter()
+    widths, device, probe, net, modules = _probe_model(model, problem, bits, batches,
+                                                       batch_size, device)
+    for prm in net.parameters():
+        prm.requires_grad_(True)
+    set_assignment(modules, probe, probe.extreme(max))            # all float
+    w_cells = [(i, d, [b for b in widths if b in d.choices])
+               for i, d in enumerate(problem.w_decisions)]
+    a_cells = [(i, d, [b for b in widths if b in d.choices])
+               for i, d in enumerate(problem.a_decisions)]
+    # weight perturbations do not depend on the batch: computed once
+    w_err = {(i, b): [modules[n].quant_error("w", modules[n].w_choices.index(b),
+                                             modules[n].weight.detach()) for n in d.layers]
+             for i, d, ws in w_cells for b in ws}
+    w_vals: dict[tuple[int, int], list[float]] = {k: [] for k in w_err}
+    a_vals: dict[tuple[int, int], list[float]] = {(i, b): [] for i, d, ws in a_cells for b in ws}
+    losses = []
+    for k in range(batches):
+        batch = to_device(workload.get_batch(split, k, batch_size), device)
+        n_samples = int(batch[0].shape[0])
+        inputs: dict[str, torch.Tensor] = {}
+        handles = []
+        for i, d, ws in a_cells:     # the group's shared input, as its first layer receives it
+            def keep(mod, args, _name=d.layers[0]):
+                x = args[0]
+                if not x.requires_grad:          # the model's own input: a leaf of its own
+                    x = x.detach().requires_grad_(True)
+                    args = (x, *args[1:])
+                x.retain_grad()
+                inputs[_name] = x
+                return args
+            handles.append(modules[d.layers[0]].register_forward_pre_hook(keep))
+        net.zero_grad(set_to_none=True)
+        try:
+            loss = workload.loss(net, batch)
+            loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise CoqatError("the float model's loss on the holdout batches is not finite;"
+                             " check the weights (train the model first) and the data")
+        with torch.no_grad():
+            for (i, b), errs in w_err.items():
+                d = problem.w_decisions[i]
+                total = sum(float((modules[n].weight.grad.float() ** 2
+                                   * e.float() ** 2).sum()) for n, e in zip(d.layers, errs))
+                w_vals[(i, b)].append(0.5 * n_samples * total)
+            for i, d, ws in a_cells:
+                m = modules[d.layers[0]]
+                x = inputs[d.layers[0]]
+                g2 = x.grad.float() ** 2
+                for b in ws:
+                    e = m.quant_error("a", m.a_choices.index(b), x.detach())
+                    a_vals[(i, b)].append(0.5 * n_samples * float((g2 * e.float() ** 2).sum()))
+    rows = []
+    for kind, cells, vals in (("w", w_cells, w_vals), ("a", a_cells, a_vals)):
+        for i, d, ws in cells:
+            rows.append(DecisionSensitivity(
+                d.name, kind, list(d.layers), sum(problem.macs[n] for n in d.layers), ws,
+                [statistics.fmean(vals[(i, b)]) for b in ws],
+                [_se(vals[(i, b)]) for b in ws]))
+    return Sensitivity(source=source, weights=weights, quantizer=problem.quantizer,
+                       split=split, batches=batches, batch_size=batch_size,
+                       baseline_loss=statistics.fmean(losses), baseline_se=_se(losses),
+                       decisions=rows, forward_passes=batches,
+                       wall_s=round(time.perf_counter() - t0, 2), device=str(device),
+                       notes=["Fisher estimate: 1/2 N sum(g^2 e^2) per tensor, one forward and"
+                              " backward pass per batch (not measured loss changes)"])
+
+
 def cache_name(problem: SearchProblem, batches: int, batch_size: int,
-               device: torch.device | str) -> str:
+               device: torch.device | str, how: str = "measured") -> str:
     """The file name of ``problem``'s table in a cached FP phase's directory: it names what
     the table depends on besides the weights (decisions and their widths, quantizer, batches,
     device type), so a search of another space or another proxy never reads it."""
-    doc = {"schema": SCHEMA, "quantizer": problem.quantizer, "batches": batches,
-           "batch_size": batch_size, "device": torch.device(device).type,
+    doc = {"schema": SCHEMA, "estimate": how, "quantizer": problem.quantizer,
+           "batches": batches, "batch_size": batch_size, "device": torch.device(device).type,
            "decisions": [[d.name, list(d.layers), list(d.choices)] for d in problem.decisions]}
     key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
     return f"sensitivity-{key}.json"
