@@ -144,6 +144,19 @@ def test_llama_trains_through_the_api_and_names_layers_by_module(hfdir, tmp_path
     assert "model.layers.0.mlp.down_proj" in json.dumps(cfg)
 
 
+def test_fisher_and_measured_tables_of_a_llama_as_given(hfdir, tmp_path):
+    """Both tables of a Hugging Face model (dict batches): same decisions; the Fisher one
+    non-negative, from one forward/backward pass per batch."""
+    kw = dict(model=_ref(hfdir, "llama"), data=str(hfdir / "lm.txt"), bits="2,8", batches=2,
+              batch_size=4, out=str(tmp_path), progress=False)
+    measured = coqat.sensitivity(**kw)
+    fisher = coqat.sensitivity(**kw, estimate="fisher")
+    assert [d.name for d in fisher.decisions] == [d.name for d in measured.decisions]
+    assert fisher.forward_passes == 2 and measured.forward_passes > 2
+    assert all(v >= 0 and math.isfinite(v) for d in fisher.decisions for v in d.delta)
+    assert any(d.kind == "a" for d in fisher.decisions)
+
+
 def test_bert_classifier_trains_on_labelled_jsonl(hfdir, tmp_path):
     user = hf.hf_user_model(hfdir / "bert", hfdir / "cls.jsonl", seq_len=16, batch_size=8)
     assert user.info["task"] == "classifier"

@@ -221,6 +221,14 @@ def _se(xs: Sequence[float]) -> float | None:
     return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None
 
 
+def _rows(batch: Any) -> int:
+    """Samples in a batch: the leading size of its first tensor (tensor, tuple or dict)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    items = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    return next(_rows(v) for v in items if isinstance(v, (torch.Tensor, Mapping, list, tuple)))
+
+
 def _probe_model(model: nn.Module, problem: SearchProblem, bits: Sequence[int] | None,
                  batches: int, batch_size: int, device: torch.device | str):
     """Checked arguments and a copy of ``model`` with mixing layers for every decision
@@ -325,7 +333,7 @@ def estimate(model: nn.Module, problem: SearchProblem, workload: Workload, *,
     losses = []
     for k in range(batches):
         batch = to_device(workload.get_batch(split, k, batch_size), device)
-        n_samples = int(batch[0].shape[0])
+        n_samples = _rows(batch)
         inputs: dict[str, torch.Tensor] = {}
         handles = []
         for i, d, ws in a_cells:     # the group's shared input, as its first layer receives it
