@@ -81,8 +81,8 @@ def test_a_cell_is_the_loss_change_of_quantizing_that_one_tensor_by_hand(digits)
 
 
 def test_the_fisher_estimate_is_half_n_g2_e2_computed_by_hand(digits):
-    """``estimate``: each weight cell is 1/2 * N * sum(g^2 * e^2), g the gradient of the batch
-    loss of the float model (plain autograd here) and e = QuantLinear/QuantConv2d's own
+    """``estimate``: each weight cell is 1/2 * N * sum(g^2 * e^2) (N: the batch's targets),
+    g the gradient of the batch loss of the float model (plain autograd here) and e = QuantLinear/QuantConv2d's own
     projection minus the weight (another code path than the search layers'); every cell is
     >= 0 and the 2-bit cell exceeds the 8-bit one; one forward/backward pass per batch."""
     job, _ = digits

@@ -54,7 +54,7 @@ from coqat.bitsearch.relax import set_assignment, to_search_model
 from coqat.training import runner
 from coqat.training.loop import autocast
 from coqat.util import atomic_write_text, read_json
-from coqat.workloads.base import Workload, to_device
+from coqat.workloads.base import Workload, batch_items, to_device
 
 __all__ = ["SCHEMA", "ESTIMATES", "FILE", "DecisionSensitivity", "Sensitivity", "measure", "estimate",
            "check_widths", "fp_job", "values", "predicted_delta", "cache_name"]
@@ -221,14 +221,6 @@ def _se(xs: Sequence[float]) -> float | None:
     return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None
 
 
-def _rows(batch: Any) -> int:
-    """Samples in a batch: the leading size of its first tensor (tensor, tuple or dict)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    items = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
-    return next(_rows(v) for v in items if isinstance(v, (torch.Tensor, Mapping, list, tuple)))
-
-
 def _probe_model(model: nn.Module, problem: SearchProblem, bits: Sequence[int] | None,
                  batches: int, batch_size: int, device: torch.device | str):
     """Checked arguments and a copy of ``model`` with mixing layers for every decision
@@ -306,8 +298,10 @@ def estimate(model: nn.Module, problem: SearchProblem, workload: Workload, *,
 
         delta ~= 1/2 * N * sum(g^2 * e^2)
 
-    the loss Hessian replaced by its diagonal empirical Fisher, N * g^2 for a batch of N
-    samples (a batch-mean gradient has 1/N of the per-sample variance). The first-order term
+    the loss Hessian replaced by its diagonal empirical Fisher, N * g^2 for a batch whose
+    loss is the mean of N terms (a batch-mean gradient has 1/N of the per-term variance; N
+    is ``batch_items``: the targets of a classifier, the tokens of a language model, whose
+    terms are not independent, so there the scale is approximate). The first-order term
     is left out (zero in expectation at a trained point). Unlike a measured cell it cannot be
     negative and it grows as b falls, and it costs one forward and backward pass per batch
     however many decisions and widths there are. ``se`` is the standard error over the
@@ -333,7 +327,7 @@ def estimate(model: nn.Module, problem: SearchProblem, workload: Workload, *,
     losses = []
     for k in range(batches):
         batch = to_device(workload.get_batch(split, k, batch_size), device)
-        n_samples = _rows(batch)
+        n_samples = max(1, batch_items(batch))
         inputs: dict[str, torch.Tensor] = {}
         handles = []
         for i, d, ws in a_cells:     # the group's shared input, as its first layer receives it
