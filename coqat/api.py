@@ -448,8 +448,9 @@ def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model
         else:
             prep = runner.prepare(config, bits="fp")
             problem = SearchProblem.build(prep.resolved, prep.cost, config.train.quantizer)
-            label = "the model as given" if model is not None else \
-                "the model as initialised (untrained)"
+            label = ("the model as given" if model is not None else
+                     "the pretrained model as built (no fine-tune)" if prep.workload.pretrained
+                     else "the model as initialised (untrained)")
         source = config.space.name
     if estimate == "fisher":
         table = fisher(prep.model, problem, prep.workload, bits=widths, batches=batches,

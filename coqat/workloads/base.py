@@ -61,6 +61,8 @@ class Workload(ABC):
     higher_is_better: ClassVar[bool] = False
     #: keys accepted in ``spec`` (besides 'name'); anything else is an error
     spec_keys: ClassVar[tuple[str, ...]] = ()
+    #: the model is built with pretrained weights (the pretrained tracks), not initialised
+    pretrained: ClassVar[bool] = False
 
     def __init__(self, spec: Mapping[str, Any] | None = None, data_dir: str | None = None,
                  seed: int = 0):

@@ -139,6 +139,7 @@ class MiniLMTopicsWorkload(TensorSplitsWorkload):
     ``val_acc``."""
 
     name = "minilm-topics"
+    pretrained = True
     task = "classifier"
     default_seq_len, max_seq_len = 64, 512
 

@@ -70,6 +70,7 @@ class SmolLM2WikiWorkload(TensorSplitsWorkload):
     per token)."""
 
     name = "smollm2-wiki"
+    pretrained = True
     task = "causal-lm"
     default_seq_len, max_seq_len = 512, 8192
 
