@@ -17,6 +17,9 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     # one GPU (one 10-minute call; a second call resumes: finished runs are read back)
     python benchmarks/mixed_vs_uniform.py run --preset gpu --out /tmp/mvu \\
         --report-dir reports/mixed_vs_uniform/minilm
+    # on a fresh machine, only what an earlier call left (its runs are kept from its file)
+    python benchmarks/mixed_vs_uniform.py run --preset gpu --out /tmp/mvu \
+        --report-dir /tmp/mvu-report --keep reports/mixed_vs_uniform/minilm/results.json
     # the same plan at toy size on the CPU (checks the script end to end)
     python benchmarks/mixed_vs_uniform.py run --preset smoke --out /tmp/mvu-smoke \\
         --report-dir /tmp/mvu-smoke/report
@@ -260,6 +263,10 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
                   "mean w*a <= 9, Holm over those budgets): " + "; ".join(
                       f"`{b}` p = {fmt(low[b], '.3g')}, Holm {fmt(adj[b], '.3g')}" for b in low)
                   + f": **{verdict}**.", ""]
+    kept = sum(1 for r in rows if r.get("kept_from"))
+    if kept:
+        lines += [f"{kept} of the {len(rows)} runs come from an earlier call's results file"
+                  " (`--keep`); the machine line is the last call's.", ""]
     for budget, e in an.items():
         lines += [f"## Budget `{budget}` (mean w*a {e['mean_wa']:g} on the quantized layers)", ""]
         lines += [f"Seeds on which every uniform arm finished: {len(e['seeds_complete'])} "
@@ -306,16 +313,33 @@ def write_report(results: dict[str, Any], report_dir: Path) -> None:
     atomic_write_text(report_dir / "README.md", readme(results, report_dir))
 
 
-def run(cfg: dict[str, Any], out: Path, report_dir: Path) -> None:
+def kept_rows(cfg: dict[str, Any], keep: Path | None) -> list[dict[str, Any]]:
+    """The rows of an earlier results file of the same space (``--keep``): their runs are
+    not planned again, so a later call (on a fresh machine) runs only what is missing."""
+    if keep is None:
+        return []
+    old = read_json(keep)
+    if old.get("preset", {}).get("space") != cfg["space"]:
+        raise SystemExit(f"{keep} holds runs of {old.get('preset', {}).get('space')!r}, not"
+                         f" {cfg['space']!r}")
+    return [{**r, "kept_from": r.get("kept_from") or str(keep)} for r in old["rows"]]
+
+
+def run(cfg: dict[str, Any], out: Path, report_dir: Path, keep: Path | None = None) -> None:
     t0 = time.monotonic()
-    planned = plan(cfg)
-    prev = report_dir / "results.json"
+    kept = kept_rows(cfg, keep)
+    done = {(r["arm"], r["budget"], r["seed"]) for r in kept}
+    planned = [p for p in plan(cfg) if p[:3] not in done]
+    prev = keep if keep is not None else report_dir / "results.json"
     spent = read_json(prev).get("wall_s", 0.0) if prev.exists() else 0.0
 
     def save() -> None:
-        res = {**collect(cfg, out), "command": command_line(),
-               "machine": machine_info(cfg["device"]),
-               "wall_s": spent + time.monotonic() - t0}
+        res = collect(cfg, out)
+        new = {(r["arm"], r["budget"], r["seed"]) for r in res["rows"]}
+        res["rows"] = [r for r in kept if (r["arm"], r["budget"], r["seed"]) not in new] \
+            + res["rows"]
+        res.update(command=command_line(), machine=machine_info(cfg["device"]),
+                   wall_s=spent + time.monotonic() - t0)
         write_report(res, report_dir)
 
     def ran(o) -> None:
@@ -344,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--workers", type=int, default=None)
     r.add_argument("--deadline", type=float, default=None)
     r.add_argument("--data-dir", default=None, help="the workload's data (Fashion-MNIST)")
+    r.add_argument("--keep", type=Path, default=None, help="an earlier results.json of this"
+                   " preset: its runs are kept and not run again (finish a grid on a fresh"
+                   " machine)")
     g = sub.add_parser("readme")
     g.add_argument("results", type=Path)
     g.add_argument("--report-dir", required=True, type=Path)
@@ -355,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
                 cfg[k] = getattr(args, k)
         if args.data_dir:
             cfg["options"] = {**cfg.get("options", {}), "data_dir": args.data_dir}
-        run(cfg, args.out, args.report_dir)
+        run(cfg, args.out, args.report_dir, args.keep)
     else:
         res = read_json(args.results)
         res.pop("analysis", None)

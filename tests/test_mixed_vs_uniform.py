@@ -4,6 +4,7 @@ on known inputs (no training)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -59,3 +60,15 @@ def test_analysis_pairs_each_mixed_arm_with_the_best_uniform_by_seed(mvu):
     assert "gumbel" not in e["comparisons"]
     assert e["arms"]["w4a4"]["mean_wa"] == pytest.approx(16)
     assert "Primary hypothesis" not in mvu.readme(res, ROOT / "reports")   # no budget <= 9
+
+
+def test_an_earlier_results_file_is_kept_only_for_its_own_space(mvu, tmp_path):
+    earlier = tmp_path / "results.json"
+    earlier.write_text(json.dumps({"preset": {"space": "lm-micro"}, "wall_s": 5.0, "rows": [
+        {"arm": "w4a4", "budget": "w4a4", "seed": 0, "metric": 1.0}]}))
+    rows = mvu.kept_rows({"space": "lm-micro"}, earlier)
+    assert rows == [{"arm": "w4a4", "budget": "w4a4", "seed": 0, "metric": 1.0,
+                     "kept_from": str(earlier)}]
+    assert mvu.kept_rows({"space": "lm-micro"}, None) == []
+    with pytest.raises(SystemExit, match="not 'fashion-resnet'"):
+        mvu.kept_rows({"space": "fashion-resnet"}, earlier)
