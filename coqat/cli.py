@@ -8,9 +8,11 @@ the output, a damaged run file) is one line on stderr and exit code 2 (``main``)
 
 from __future__ import annotations
 
+import atexit
 import errno
 import math
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -827,7 +829,32 @@ def _os_error_message(e: OSError) -> str:
 
 def main() -> None:
     """Console-script entry point: one-line errors, exit code 2, no traceback, except for
-    bugs (unexpected exceptions), which show a one-line summary and then the traceback."""
+    bugs (unexpected exceptions), which show a one-line summary and then the traceback.
+
+    Under torchrun the process ends with ``os._exit`` once its output is flushed and the
+    atexit handlers (the process group's teardown among them) have run: C++ static
+    destructors of gloo at interpreter exit aborted a finished rank now and then (SIGABRT,
+    "terminate called without an active exception"), failing a run whose work had all
+    succeeded."""
+    from coqat.training.distributed import DistEnv
+
+    if not DistEnv.from_env().enabled:
+        _main()
+        return
+    code = 0
+    try:
+        _main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main() -> None:
     try:
         app(standalone_mode=False)
     except CoqatError as e:

@@ -156,3 +156,32 @@ def test_demo_runs_search_uniform_report_and_export_end_to_end(tmp_path):
         assert final["achieved_bops"] <= final["budget_bops"]
     assert list(demo.glob("*-gumbel-*/exports/json/bitconfig.json"))
     assert "searched, mixed" in proc.stdout and "uniform w4a4" in proc.stdout
+
+
+def test_a_torchrun_worker_ends_with_os_exit_after_the_atexit_handlers(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) main() runs the atexit handlers, then leaves with
+    os._exit and the command's exit code (C++ destructors at exit aborted finished ranks)."""
+    import atexit
+    import sys
+
+    from coqat import cli
+
+    calls: list[str] = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        calls.append(f"exit {code}")
+        raise Exited
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("atexit"))
+    for argv, code in ((["coqat", "bops", "--space", "no-such-space"], 2),
+                       (["coqat", "--help"], 0)):
+        monkeypatch.setattr(sys, "argv", argv)
+        calls.clear()
+        with pytest.raises(Exited):
+            cli.main()
+        assert calls == ["atexit", f"exit {code}"]
