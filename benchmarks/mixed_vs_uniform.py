@@ -57,8 +57,19 @@ from coqat.reporting.stats import config_distance, paired_difference, seed_summa
 from coqat.sweep.local import CACHED, LocalJob, read_finished, run_local  # noqa: E402
 from coqat.util import atomic_write_text  # noqa: E402
 
-MIXED = ("sensitivity", "gumbel", "random")
+#: mixed arms: name -> (search method, extra options); a preset's "mixed" picks some
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sensitivity": ("sensitivity", {}),
+    "gumbel": ("gumbel", {}),
+    "random": ("random", {}),
+    "sensitivity-fisher": ("sensitivity", {"sensitivity_estimate": "fisher"}),
+}
+MIXED = ("sensitivity", "gumbel", "random")      # the default arms
 PRIMARY = "sensitivity"
+
+
+def mixed_arms(cfg: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(cfg.get("mixed", MIXED))
 
 PRESETS: dict[str, dict[str, Any]] = {
     # One H200: MiniLM topics at the space's 150 steps; 8 seeds; runs in parallel processes
@@ -72,6 +83,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu-fashion": {"space": "fashion-resnet", "budgets": ["wa9", "wa6", "w4a4"], "seeds": 8,
                     "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
                     "deadline": 520, "options": {"proxy_batches": 4}},
+    # One H100/H200, third workload: SmolLM2-135M (pretrained; loss, lower is better). Its
+    # activation candidates are {4,6,8}, so wa9 has one uniform pair (w2a4). About 70 s a
+    # run on an H100 (eager) and 200 s for a measured table, so one seed is ~25 min of one
+    # process: 3 processes share the GPU, and the grid spans sessions (--keep).
+    "gpu-smollm2": {"space": "smollm2-wiki", "budgets": ["wa9", "wa12", "w8a8"], "seeds": 8,
+                    "device": "cuda", "compile": "off", "workers": 3, "threads": 4,
+                    "deadline": 520, "options": {"proxy_batches": 4},
+                    "mixed": ["sensitivity", "sensitivity-fisher", "gumbel", "random"]},
     # toy size on the CPU: every arm of 2 seeds at 3 steps
     "smoke": {"space": "minilm-topics", "budgets": ["wa9", "w4a4"], "seeds": 2,
               "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
@@ -118,9 +137,11 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, int, LocalJob]]:
     for seed in range(cfg["seeds"]):
         o = {**opts, "seed": seed}
         for budget in cfg["budgets"]:
-            for m in MIXED:
+            for m in mixed_arms(cfg):
+                method, extra = ARMS[m]
                 out.append((m, budget, seed, LocalJob(arm_key(m, budget, seed), cfg["space"],
-                                                      o, budget=budget, method=m)))
+                                                      {**o, **extra}, budget=budget,
+                                                      method=method)))
         for budget in cfg["budgets"]:
             for w, a in uniform_pairs(cfg["space"], budget):
                 arm = f"w{w}a{a}"
@@ -156,6 +177,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     paired difference to it (and, stricter, to the best uniform pair of each seed)."""
     rows = results["rows"]
     hib = next((r["higher_is_better"] for r in rows), True)
+    mixed = mixed_arms(results["preset"])
     out: dict[str, Any] = {}
     for budget in results["preset"]["budgets"]:
         here = [r for r in rows if r["budget"] == budget]
@@ -175,23 +197,23 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
         for arm, vals in sorted(by_arm.items()):
             rr = [r for r in here if r["arm"] == arm]
             arms[arm] = {"summary": seed_summary(vals.values()).__dict__,
-                         "mean_wa": [mean_wa(r["bops"]) for r in rr][:1][0] if arm not in MIXED
+                         "mean_wa": [mean_wa(r["bops"]) for r in rr][:1][0] if arm not in mixed
                          else seed_summary([mean_wa(r["bops"]) for r in rr]).mean,
                          "seeds": {str(k): v for k, v in sorted(vals.items())}}
-            if arm in MIXED:     # decisions (weights, then activations) that differ
+            if arm in mixed:     # decisions (weights, then activations) that differ
                 arms[arm]["config_distance"] = config_distance(
                     [{f"{k}{i}": b for k in ("w", "a") for i, b in enumerate(r["assignment"][k])}
                      for r in rr if r["assignment"]])
-        planned = [*MIXED, *(f"w{w}a{a}" for w, a in
+        planned = [*mixed, *(f"w{w}a{a}" for w, a in
                              uniform_pairs(results["preset"]["space"], budget))]
-        uni = [a for a in planned if a not in MIXED and a in by_arm]
+        uni = [a for a in planned if a not in mixed and a in by_arm]
         n_seeds = results["preset"]["seeds"]
         missing = {a: n_seeds - len(by_arm.get(a, {})) for a in planned
                    if len(by_arm.get(a, {})) < n_seeds}
         # the seeds on which every uniform arm finished: the best uniform is chosen there,
         # and each mixed arm is compared on those of them where it finished too
         seeds = sorted(set.intersection(*(set(by_arm.get(a, ())) for a in planned
-                                          if a not in MIXED)))
+                                          if a not in mixed)))
         entry: dict[str, Any] = {"mean_wa": x, "arms": arms, "seeds_complete": seeds,
                                  "not_finished": missing,
                                  "over_budget": [r["arm"] for r in over],
@@ -205,7 +227,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
                              for s in seeds]
             entry["best_uniform"] = best
             comps = {}
-            for m in MIXED:
+            for m in mixed:
                 both = [i for i, s in enumerate(seeds) if s in by_arm.get(m, {})]
                 if len(both) < 2:
                     continue

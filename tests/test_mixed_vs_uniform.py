@@ -72,3 +72,13 @@ def test_an_earlier_results_file_is_kept_only_for_its_own_space(mvu, tmp_path):
     assert mvu.kept_rows({"space": "lm-micro"}, None) == []
     with pytest.raises(SystemExit, match="not 'fashion-resnet'"):
         mvu.kept_rows({"space": "fashion-resnet"}, earlier)
+
+
+def test_a_preset_picks_its_mixed_arms_and_their_search_options(mvu):
+    cfg = {"space": LM_MICRO, "budgets": ["w4a4"], "seeds": 1, "device": "cpu",
+           "compile": "off", "mixed": ["sensitivity-fisher", "random"]}
+    plan = {arm: job for arm, _, _, job in mvu.plan(cfg)}
+    assert set(plan) == {"sensitivity-fisher", "random", "w2a8", "w4a4"}
+    fisher = plan["sensitivity-fisher"]
+    assert fisher.method == "sensitivity" and fisher.options["sensitivity_estimate"] == "fisher"
+    assert plan["w4a4"].bits == "w4a4" and plan["random"].method == "random"
