@@ -52,7 +52,7 @@ from common import command_line, machine_info, read_json, write_json  # noqa: E4
 # transformers imports a package named `kernels` when it finds one (benchmarks/kernels.py
 # must not be it, here or in the spawned workers, which inherit sys.path)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
-from coqat.config import COMPILE_FLAGS, load_space  # noqa: E402
+from coqat.config import COMPILE_FLAGS, common_pairs, load_space  # noqa: E402
 from coqat.reporting.stats import config_distance, paired_difference, seed_summary  # noqa: E402
 from coqat.sweep.local import CACHED, LocalJob, read_finished, run_local  # noqa: E402
 from coqat.util import atomic_write_text  # noqa: E402
@@ -114,13 +114,8 @@ def budget_mean(budget: str) -> float:
 def uniform_pairs(space: str, budget: str) -> list[tuple[int, int]]:
     """The maximal uniform (w, a) pairs under ``budget``: every pair every searchable rule
     allows with w*a <= the budget's mean, minus those another fitting pair dominates."""
-    sp = load_space(space)
-    common: set[tuple[int, int]] | None = None
-    for rule in sp.rules:
-        pairs = {(w, a) for w in rule.w_bits for a in rule.a_bits}
-        common = pairs if common is None else common & pairs
     x = budget_mean(budget)
-    fit = [p for p in sorted(common or ()) if p[0] * p[1] <= x + 1e-9]
+    fit = sorted(p for p in common_pairs(load_space(space).rules) if p[0] * p[1] <= x + 1e-9)
     return [p for p in fit if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in fit)]
 
 
@@ -197,8 +192,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
         for arm, vals in sorted(by_arm.items()):
             rr = [r for r in here if r["arm"] == arm]
             arms[arm] = {"summary": seed_summary(vals.values()).__dict__,
-                         "mean_wa": [mean_wa(r["bops"]) for r in rr][:1][0] if arm not in mixed
-                         else seed_summary([mean_wa(r["bops"]) for r in rr]).mean,
+                         "mean_wa": seed_summary([mean_wa(r["bops"]) for r in rr]).mean,
                          "seeds": {str(k): v for k, v in sorted(vals.items())}}
             if arm in mixed:     # decisions (weights, then activations) that differ
                 arms[arm]["config_distance"] = config_distance(

@@ -392,8 +392,8 @@ def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model
     device and data_dir."""
     from coqat.bitsearch.pipeline import load_or_train_fp
     from coqat.bitsearch.problem import SearchProblem
-    from coqat.bitsearch.sensitivity import ESTIMATES, check_widths, fp_job, measure
-    from coqat.bitsearch.sensitivity import estimate as fisher
+    from coqat.bitsearch.sensitivity import ESTIMATES, check_widths, fp_job
+    from coqat.bitsearch.sensitivity import table as sensitivity_table
     from coqat.config import run_config_from_json
     from coqat.exporters.loading import first_problem
     from coqat.rundir import CONFIG, RunDir
@@ -452,14 +452,10 @@ def sensitivity(space: str | Path | SearchSpace | RunConfig | None = None, model
                      "the pretrained model as built (no fine-tune)" if prep.workload.pretrained
                      else "the model as initialised (untrained)")
         source = config.space.name
-    if estimate == "fisher":
-        table = fisher(prep.model, problem, prep.workload, bits=widths, batches=batches,
-                       batch_size=batch_size or prep.settings.eval_batch_size,
-                       device=prep.device, source=source, weights=label)
-    else:
-        table = measure(prep.model, problem, prep.workload, bits=widths, batches=batches,
-                        batch_size=batch_size or prep.settings.eval_batch_size,
-                        device=prep.device, source=source, weights=label, on_cell=on_cell)
+    table = sensitivity_table(estimate, prep.model, problem, prep.workload, on_cell=on_cell,
+                              bits=widths, batches=batches,
+                              batch_size=batch_size or prep.settings.eval_batch_size,
+                              device=prep.device, source=source, weights=label)
     table.notes.extend(notes)
     if save is not None:
         from coqat.reporting.sensitivity import FILE, write_page

@@ -37,7 +37,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from coqat.bitconfig import FLOAT_BITS, QUANTIZERS, BitConfig, LayerBits, check_bits, parse_bits
 from coqat.errors import CoqatError
@@ -55,6 +55,10 @@ CAGE_SCALES: tuple[str, ...] = ("none", "step")
 BRANCH_FREE_SETTINGS: tuple[str, ...] = ("optimizer", "cage_lambda", "cage_pull",
                                          "cage_silence", "cage_schedule", "cage_scale")
 
+
+#: how a sensitivity table is obtained ([search] sensitivity_estimate, --estimate): measured
+#: loss changes, or their second-order Fisher estimate (coqat.bitsearch.sensitivity)
+SENSITIVITY_ESTIMATES: tuple[str, ...] = ("measured", "fisher")
 
 #: --compile auto | on | off as TrainSettings.compile
 COMPILE_FLAGS: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
@@ -266,11 +270,17 @@ class ResolvedSpace:
 
     def uniform_candidates(self) -> list[tuple[int, int]]:
         """(w, a) pairs that every searchable layer allows (uniform baselines come from these)."""
-        common: set[tuple[int, int]] | None = None
-        for rule in self.candidates.values():
-            pairs = {(w, a) for w in rule.w_bits for a in rule.a_bits}
-            common = pairs if common is None else common & pairs
-        return sorted(common or set(), key=lambda p: (p[0] * p[1], p))
+        return common_pairs(self.candidates.values())
+
+
+def common_pairs(rules: Iterable[LayerRule]) -> list[tuple[int, int]]:
+    """The (w, a) pairs every rule allows, by w*a then w: the uniform configs of a space
+    (``ResolvedSpace.uniform_candidates``; of the space's rules before a model resolves them)."""
+    common: set[tuple[int, int]] | None = None
+    for rule in rules:
+        pairs = {(w, a) for w in rule.w_bits for a in rule.a_bits}
+        common = pairs if common is None else common & pairs
+    return sorted(common or set(), key=lambda p: (p[0] * p[1], p))
 
 
 def _merge_groups(groups: list[tuple[str, ...]], order: Sequence[str]) -> list[tuple[str, ...]]:
@@ -353,7 +363,7 @@ class SearchSettings:
         for name in ("fp_steps", "search_steps", "arch_batch_size"):
             v = getattr(self, name)
             need(v is None or _is_int(v, lo=1), f"{name} must be a positive integer (got {v!r})")
-        need(self.sensitivity_estimate in ("measured", "fisher"),
+        need(self.sensitivity_estimate in SENSITIVITY_ESTIMATES,
              f"sensitivity_estimate must be 'measured' or 'fisher' (got"
              f" {self.sensitivity_estimate!r})")
         for name in ("arch_every", "trace_every", "proxy_batches"):

@@ -205,10 +205,11 @@ class SensitivityMethod:
                 table = sensitivity.Sensitivity.load(cached)
                 ctx.say(f"sensitivity: reusing {cached}")
         if table is None:
-            get = sensitivity.estimate if how == "fisher" else sensitivity.measure
-            table = get(prep.model, p, prep.workload, batches=s.proxy_batches, batch_size=bs,
-                        device=prep.device, source=job.config.space.name,
-                        weights=f"FP phase ({job.fp_steps} steps, seed {job.seed})")
+            table = sensitivity.table(how, prep.model, p, prep.workload,
+                                      batches=s.proxy_batches, batch_size=bs,
+                                      device=prep.device, source=job.config.space.name,
+                                      weights=f"FP phase ({job.fp_steps} steps, seed"
+                                              f" {job.seed})")
             if cached is not None:
                 table.save(cached)
         if ctx.run is not None:

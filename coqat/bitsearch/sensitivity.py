@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from coqat.bitconfig import FLOAT_BITS
-from coqat.config import RunConfig
+from coqat.config import SENSITIVITY_ESTIMATES, RunConfig
 from coqat.cost import Budget
 from coqat.errors import CoqatError
 from coqat.bitsearch.job import SearchJob
@@ -56,12 +56,12 @@ from coqat.training.loop import autocast
 from coqat.util import atomic_write_text, read_json
 from coqat.workloads.base import Workload, batch_items, to_device
 
-__all__ = ["SCHEMA", "ESTIMATES", "FILE", "DecisionSensitivity", "Sensitivity", "measure", "estimate",
-           "check_widths", "fp_job", "values", "predicted_delta", "cache_name"]
+__all__ = ["SCHEMA", "ESTIMATES", "FILE", "DecisionSensitivity", "Sensitivity", "measure",
+           "estimate", "table", "check_widths", "fp_job", "values", "predicted_delta",
+           "cache_name"]
 
 SCHEMA = "coqat.sensitivity/v1"
-#: how a table is obtained: measured loss changes, or the second-order Fisher estimate
-ESTIMATES = ("measured", "fisher")
+ESTIMATES = SENSITIVITY_ESTIMATES
 FILE = "sensitivity.json"
 
 
@@ -378,6 +378,15 @@ def estimate(model: nn.Module, problem: SearchProblem, workload: Workload, *,
                        wall_s=round(time.perf_counter() - t0, 2), device=str(device),
                        notes=["Fisher estimate: 1/2 N sum(g^2 e^2) per tensor, one forward and"
                               " backward pass per batch (not measured loss changes)"])
+
+
+def table(how: str, model: nn.Module, problem: SearchProblem, workload: Workload,
+          on_cell: Callable[[int, int], None] | None = None, **kw: Any) -> Sensitivity:
+    """The table ``how`` says (one of ``ESTIMATES``): ``measure`` or ``estimate``, with the
+    same keyword arguments (``on_cell`` reports the measured cells only)."""
+    if how == "fisher":
+        return estimate(model, problem, workload, **kw)
+    return measure(model, problem, workload, on_cell=on_cell, **kw)
 
 
 def cache_name(problem: SearchProblem, batches: int, batch_size: int,
