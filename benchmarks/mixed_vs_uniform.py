@@ -286,6 +286,13 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
                   "mean w*a <= 9, Holm over those budgets): " + "; ".join(
                       f"`{b}` p = {fmt(low[b], '.3g')}, Holm {fmt(adj[b], '.3g')}" for b in low)
                   + f": **{verdict}**.", ""]
+    owed = {k: [x for x in v if x not in (cfg["budgets"] if k == "budgets" else
+                                          mixed_arms(cfg))]
+            for k, v in cfg.get("planned", {}).items()}
+    if any(owed.values()):
+        lines += ["**A subset of the protocol's grid so far**: not yet run "
+                  + "; ".join(f"{'mixed arms' if k == 'mixed' else k} {', '.join(v)}"
+                              for k, v in owed.items() if v) + ".", ""]
     kept = sum(1 for r in rows if r.get("kept_from"))
     if kept:
         lines += [f"{kept} of the {len(rows)} runs come from an earlier call's results file"
@@ -348,6 +355,24 @@ def kept_rows(cfg: dict[str, Any], keep: Path | None) -> list[dict[str, Any]]:
     return [{**r, "kept_from": r.get("kept_from") or str(keep)} for r in old["rows"]]
 
 
+def subset(cfg: dict[str, Any], budgets: str | None, arms: str | None) -> dict[str, Any]:
+    """The preset cut to some of its budgets and mixed arms (``--budgets``, ``--arms``); the
+    full lists stay in ``cfg["planned"]`` so the report says what the protocol still owes."""
+    out = {**cfg, "planned": {"budgets": list(cfg["budgets"]),
+                              "mixed": list(mixed_arms(cfg))}}
+    for key, given, full in (("budgets", budgets, cfg["budgets"]),
+                             ("mixed", arms, mixed_arms(cfg))):
+        if given is None:
+            continue
+        picked = [x.strip() for x in given.split(",") if x.strip()]
+        unknown = [x for x in picked if x not in full]
+        if not picked or unknown:
+            raise SystemExit(f"--{'arms' if key == 'mixed' else key} {given!r}: pick from"
+                             f" {', '.join(full)}")
+        out[key] = [x for x in full if x in picked]     # the preset's order
+    return out
+
+
 def run(cfg: dict[str, Any], out: Path, report_dir: Path, keep: Path | None = None) -> None:
     t0 = time.monotonic()
     kept = kept_rows(cfg, keep)
@@ -374,9 +399,11 @@ def run(cfg: dict[str, Any], out: Path, report_dir: Path, keep: Path | None = No
                 print(f"report not written: {type(e).__name__}: {e}", file=sys.stderr)
 
     print(f"{len(planned)} runs under {out}", file=sys.stderr, flush=True)
+    # a finished run is read back, never resumed, so its checkpoint goes (SmolLM2's weights
+    # and optimizer state are 1.6 GB a run, and a grid has dozens of runs)
     run_local([p[3] for p in planned], out, workers=cfg["workers"], threads=cfg["threads"],
               deadline=t0 + cfg["deadline"] if cfg.get("deadline") else None,
-              keep_going=True, on_outcome=ran)
+              keep_going=True, on_outcome=ran, drop_checkpoints=True)
     save()
 
 
@@ -391,6 +418,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--workers", type=int, default=None)
     r.add_argument("--deadline", type=float, default=None)
     r.add_argument("--data-dir", default=None, help="the workload's data (Fashion-MNIST)")
+    r.add_argument("--budgets", default=None, help="comma-separated: only these of the"
+                   " preset's budgets this call (e.g. the primary budget and the control"
+                   " first; a later call adds the rest with --keep)")
+    r.add_argument("--arms", default=None, help="comma-separated: only these of the preset's"
+                   " mixed arms this call (the uniform arms always run)")
     r.add_argument("--keep", type=Path, default=None, help="an earlier results.json of this"
                    " preset: its runs are kept and not run again (finish a grid on a fresh"
                    " machine)")
@@ -405,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
                 cfg[k] = getattr(args, k)
         if args.data_dir:
             cfg["options"] = {**cfg.get("options", {}), "data_dir": args.data_dir}
+        cfg = subset(cfg, args.budgets, args.arms)
         run(cfg, args.out, args.report_dir, args.keep)
     else:
         res = read_json(args.results)

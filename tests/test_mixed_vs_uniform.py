@@ -82,3 +82,27 @@ def test_a_preset_picks_its_mixed_arms_and_their_search_options(mvu):
     fisher = plan["sensitivity-fisher"]
     assert fisher.method == "sensitivity" and fisher.options["sensitivity_estimate"] == "fisher"
     assert plan["w4a4"].bits == "w4a4" and plan["random"].method == "random"
+
+
+def test_a_call_can_run_a_subset_and_the_report_names_what_is_owed(mvu):
+    cfg = {"space": LM_MICRO, "budgets": ["w4a4", "w8a8"], "seeds": 1, "device": "cpu",
+           "compile": "off", "mixed": ["sensitivity", "gumbel", "random"]}
+    cut = mvu.subset(cfg, "w8a8", "random,sensitivity")
+    assert cut["budgets"] == ["w8a8"] and cut["mixed"] == ["sensitivity", "random"]
+    assert cut["planned"] == {"budgets": ["w4a4", "w8a8"],
+                              "mixed": ["sensitivity", "gumbel", "random"]}
+    assert {(arm, b) for arm, b, _, _ in mvu.plan(cut)} == {
+        ("sensitivity", "w8a8"), ("random", "w8a8"), ("w8a8", "w8a8")}
+    assert mvu.subset(cfg, None, None)["budgets"] == cfg["budgets"]
+    with pytest.raises(SystemExit, match="pick from sensitivity, gumbel, random"):
+        mvu.subset(cfg, None, "fisher")
+    with pytest.raises(SystemExit, match="--budgets"):
+        mvu.subset(cfg, "wa9", None)
+    res = {"preset": cut, "rows": [
+        {"arm": a, "budget": "w8a8", "seed": 0, "metric": 1.0, "metric_name": "val_loss",
+         "higher_is_better": False, "bops": 1, "budget_bops": None, "fixed_bops": None,
+         "assignment": None, "fp_metric": None} for a in ("sensitivity", "random", "w8a8")]}
+    page = mvu.readme(res, ROOT / "reports")
+    assert "not yet run budgets w4a4; mixed arms gumbel" in page
+    assert "not yet run" not in mvu.readme({**res, "preset": mvu.subset(cfg, None, None)},
+                                           ROOT / "reports")

@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from coqat.errors import CoqatError
 from coqat.quant import QuantConv2d, QuantLinear, quantize_model
 from coqat.reporting import sensitivity as view
 from coqat.rundir import RunDir
+from coqat.util import exclusive_lock
 from conftest import DIGITS, LM_MICRO, assert_one_line_error, cli_json, run_cli, run_config, \
     train_run
 
@@ -240,6 +243,44 @@ def test_the_table_is_measured_once_per_fp_phase(digits):
     other = run_config(DIGITS, out, steps=40, fp_steps=40, proxy_batches=1)
     run_search(other, "w4a4", "sensitivity", final_qat=False)
     assert len(set(fp_dir.glob("sensitivity-*.json")) - before) == 1
+
+
+def test_searches_of_one_fp_phase_running_at_once_measure_the_table_once(digits):
+    """Two searches of one seed started together (a benchmark's workers): the second waits
+    on the table's lock while the first measures, then reads the table instead of measuring
+    it again. Here the test holds the lock and writes the table while the search waits."""
+    job, out = digits
+    cfg = run_config(DIGITS, out, steps=40, fp_steps=40, proxy_batches=2)
+    _, rec = run_search(cfg, "w4a4", "sensitivity", final_qat=False)
+    cached = Path(rec.search.fp_phase["cache"]) / cache_name(
+        job.problem, 2, cfg.train.eval_batch_size, "cpu")
+    text = cached.read_text()
+    cached.unlink()
+    notes: list[str] = []
+    started = threading.Event()
+
+    def say(line: str) -> None:
+        notes.append(line)
+        if "decisions" in line:
+            started.set()           # choose() has begun; the cache file is absent now
+
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            run_search(cfg, "0.8*w4a4+0.2*w2a4", "sensitivity", final_qat=False, say=say)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    with exclusive_lock(cached.with_name(cached.name + ".lock")):
+        t = threading.Thread(target=second)
+        t.start()
+        assert started.wait(120)
+        time.sleep(0.5)             # time enough to measure the tiny table, were it not waiting
+        cached.write_text(text)     # what the first search would write under the lock
+    t.join(120)
+    assert not errors and not t.is_alive()
+    assert any("sensitivity: reusing" in n for n in notes)
 
 
 def test_low_bit_candidates_meet_a_mean_wa_budget_exactly(tmp_path):

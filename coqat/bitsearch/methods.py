@@ -37,6 +37,7 @@ from coqat.bitsearch import sensitivity
 from coqat.training.loop import train
 from coqat.workloads.base import to_device
 from coqat.workloads.sampling import stable_seed
+from coqat.util import exclusive_lock
 
 __all__ = ["SearchMethod", "METHODS", "register_method", "get_method", "arch_step_count",
            "estimate_search_seconds", "repair_info", "search_compile"]
@@ -196,22 +197,27 @@ class SensitivityMethod:
         bs = prep.settings.eval_batch_size
         ctx.say(f"sensitivity: {len(p.w_decisions)} weight + {len(p.a_decisions)} activation"
                 f" decisions, {s.proxy_batches} holdout batch(es) of {bs}")
-        how = s.sensitivity_estimate
-        table, cached = None, None
-        if ctx.fp_dir is not None:     # the table depends on the FP weights only: measured
+        def measure() -> sensitivity.Sensitivity:
+            return sensitivity.table(s.sensitivity_estimate, prep.model, p, prep.workload,
+                                     batches=s.proxy_batches, batch_size=bs,
+                                     device=prep.device, source=job.config.space.name,
+                                     weights=f"FP phase ({job.fp_steps} steps, seed"
+                                             f" {job.seed})")
+
+        if ctx.fp_dir is None:
+            table = measure()
+        else:   # the table depends on the FP weights only: measured once per FP phase,
+            # whatever the budget; searches of one seed running at once take turns on a lock
+            # file, so the first measures it and the others read it
             cached = ctx.fp_dir / sensitivity.cache_name(p, s.proxy_batches, bs, prep.device,
-                                                         how)
-            if cached.is_file():       # once per FP phase, whatever the budget
-                table = sensitivity.Sensitivity.load(cached)
-                ctx.say(f"sensitivity: reusing {cached}")
-        if table is None:
-            table = sensitivity.table(how, prep.model, p, prep.workload,
-                                      batches=s.proxy_batches, batch_size=bs,
-                                      device=prep.device, source=job.config.space.name,
-                                      weights=f"FP phase ({job.fp_steps} steps, seed"
-                                              f" {job.seed})")
-            if cached is not None:
-                table.save(cached)
+                                                         s.sensitivity_estimate)
+            with exclusive_lock(cached.with_name(cached.name + ".lock")):
+                if cached.is_file():
+                    table = sensitivity.Sensitivity.load(cached)
+                    ctx.say(f"sensitivity: reusing {cached}")
+                else:
+                    table = measure()
+                    table.save(cached)
         if ctx.run is not None:
             table.save(ctx.run.file(f"search/{sensitivity.FILE}"))
         wv, av = sensitivity.values(table, p)
