@@ -106,3 +106,15 @@ def test_a_call_can_run_a_subset_and_the_report_names_what_is_owed(mvu):
     assert "not yet run budgets w4a4; mixed arms gumbel" in page
     assert "not yet run" not in mvu.readme({**res, "preset": mvu.subset(cfg, None, None)},
                                            ROOT / "reports")
+
+
+def test_the_primary_verdict_waits_for_every_planned_seed(mvu):
+    """The committed SmolLM2 part (2 of 8 seeds): p < 0.05 there is reported as such, not
+    as the protocol's verdict; with the plan cut to those seeds it would be 'shown'."""
+    res = json.loads((ROOT / "reports/mixed_vs_uniform/smollm2/results.json").read_text())
+    res.pop("analysis", None)
+    page = mvu.readme(res, ROOT / "reports/mixed_vs_uniform/smollm2")
+    assert "on 2 of the 8 planned seeds; not yet the protocol's test" in page
+    assert "**shown**" not in page
+    two = {**res, "preset": {**res["preset"], "seeds": 2}}
+    assert "**shown**" in mvu.readme(two, ROOT / "reports/mixed_vs_uniform/smollm2")
