@@ -298,13 +298,12 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
                   "mean w*a <= 9, Holm over those budgets): " + "; ".join(
                       f"`{b}` p = {fmt(low[b], '.3g')}, Holm {fmt(adj[b], '.3g')}" for b in low)
                   + f": **{verdict}**.", ""]
-    owed = {k: [x for x in v if x not in (cfg["budgets"] if k == "budgets" else
-                                          mixed_arms(cfg))]
-            for k, v in cfg.get("planned", {}).items()}
+    planned = cfg.get("planned", {})
+    owed = {"budgets": [b for b in planned.get("budgets", ()) if b not in cfg["budgets"]],
+            "mixed arms": [m for m in planned.get("mixed", ()) if m not in mixed_arms(cfg)]}
     if any(owed.values()):
         lines += ["**A subset of the protocol's grid so far**: not yet run "
-                  + "; ".join(f"{'mixed arms' if k == 'mixed' else k} {', '.join(v)}"
-                              for k, v in owed.items() if v) + ".", ""]
+                  + "; ".join(f"{k} {', '.join(v)}" for k, v in owed.items() if v) + ".", ""]
     kept = sum(1 for r in rows if r.get("kept_from"))
     if kept:
         lines += [f"{kept} of the {len(rows)} runs come from an earlier call's results file"

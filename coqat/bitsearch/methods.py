@@ -35,9 +35,9 @@ from coqat.bitsearch.problem import Assignment, SearchProblem
 from coqat.bitsearch.relax import set_assignment, to_search_model
 from coqat.bitsearch import sensitivity
 from coqat.training.loop import train
+from coqat.util import exclusive_lock
 from coqat.workloads.base import to_device
 from coqat.workloads.sampling import stable_seed
-from coqat.util import exclusive_lock
 
 __all__ = ["SearchMethod", "METHODS", "register_method", "get_method", "arch_step_count",
            "estimate_search_seconds", "repair_info", "search_compile"]
@@ -197,6 +197,7 @@ class SensitivityMethod:
         bs = prep.settings.eval_batch_size
         ctx.say(f"sensitivity: {len(p.w_decisions)} weight + {len(p.a_decisions)} activation"
                 f" decisions, {s.proxy_batches} holdout batch(es) of {bs}")
+
         def measure() -> sensitivity.Sensitivity:
             return sensitivity.table(s.sensitivity_estimate, prep.model, p, prep.workload,
                                      batches=s.proxy_batches, batch_size=bs,
