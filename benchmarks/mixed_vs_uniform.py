@@ -63,6 +63,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 from coqat.config import COMPILE_FLAGS, common_pairs, load_space  # noqa: E402
 from coqat.reporting.stats import config_distance, paired_difference, seed_summary  # noqa: E402
 from coqat.sweep.local import CACHED, LocalJob, read_finished, run_local  # noqa: E402
+from coqat.targets import get_target  # noqa: E402
 from coqat.util import atomic_write_text  # noqa: E402
 
 #: mixed arms: name -> (search method, extra options); a preset's "mixed" picks some
@@ -99,6 +100,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "device": "cuda", "compile": "off", "workers": 3, "threads": 4,
                     "deadline": 520, "options": {"proxy_batches": 4},
                     "mixed": ["sensitivity", "sensitivity-fisher", "gumbel", "random"]},
+    # Two CPU cores, the demo's own setting (coqat.demo): lm-tiny from scratch, 200 steps per
+    # phase (FP phase, final QAT; the Gumbel search 100), searched for the ONNX target, so
+    # the demo can print this grid's paired figure beside its single seed. The Gumbel arm
+    # is the demo's method; random and sensitivity-fisher are left out to fit 2 cores.
+    "cpu-lm-tiny": {"space": "lm-tiny", "budgets": ["wa9", "w4a4"], "seeds": 8,
+                    "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
+                    "deadline": None, "target": "onnx",
+                    "options": {"steps": 200, "fp_steps": 200, "search_steps": 100},
+                    "mixed": ["sensitivity", "gumbel"]},
     # toy size on the CPU: every arm of 2 seeds at 3 steps
     "smoke": {"space": "minilm-topics", "budgets": ["wa9", "w4a4"], "seeds": 2,
               "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
@@ -119,11 +129,14 @@ def budget_mean(budget: str) -> float:
     return float(m.group(1)) if m.re is _MEAN else float(int(m.group(1)) * int(m.group(2)))
 
 
-def uniform_pairs(space: str, budget: str) -> list[tuple[int, int]]:
+def uniform_pairs(space: str, budget: str, target: str | None = None) -> list[tuple[int, int]]:
     """The maximal uniform (w, a) pairs under ``budget``: every pair every searchable rule
-    allows with w*a <= the budget's mean, minus those another fitting pair dominates."""
+    (and ``target``, if given) allows with w*a <= the budget's mean, minus those another
+    fitting pair dominates."""
     x = budget_mean(budget)
-    fit = sorted(p for p in common_pairs(load_space(space).rules) if p[0] * p[1] <= x + 1e-9)
+    legal = get_target(target).allows if target else (lambda w, a: True)
+    fit = sorted(p for p in common_pairs(load_space(space).rules)
+                 if p[0] * p[1] <= x + 1e-9 and legal(*p))
     return [p for p in fit if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in fit)]
 
 
@@ -144,9 +157,9 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, int, LocalJob]]:
                 method, extra = ARMS[m]
                 out.append((m, budget, seed, LocalJob(arm_key(m, budget, seed), cfg["space"],
                                                       {**o, **extra}, budget=budget,
-                                                      method=method)))
+                                                      method=method, target=cfg.get("target"))))
         for budget in cfg["budgets"]:
-            for w, a in uniform_pairs(cfg["space"], budget):
+            for w, a in uniform_pairs(cfg["space"], budget, cfg.get("target")):
                 arm = f"w{w}a{a}"
                 out.append((arm, budget, seed, LocalJob(arm_key(arm, budget, seed),
                                                         cfg["space"], o, bits=arm)))
@@ -207,7 +220,8 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
                     [{f"{k}{i}": b for k in ("w", "a") for i, b in enumerate(r["assignment"][k])}
                      for r in rr if r["assignment"]])
         planned = [*mixed, *(f"w{w}a{a}" for w, a in
-                             uniform_pairs(results["preset"]["space"], budget))]
+                             uniform_pairs(results["preset"]["space"], budget,
+                                           results["preset"].get("target")))]
         uni = [a for a in planned if a not in mixed and a in by_arm]
         n_seeds = results["preset"]["seeds"]
         missing = {a: n_seeds - len(by_arm.get(a, {})) for a in planned
