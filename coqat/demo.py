@@ -12,6 +12,7 @@ evaluation).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -23,15 +24,15 @@ from coqat.config import DEFAULT_SPACE, spaces_dir
 from coqat.cost import format_bops
 from coqat.errors import CoqatError
 from coqat.records import RunRecord
-from coqat.reporting.build import build_report, compare_with_uniform, noise_statement, \
-    report_from_json
+from coqat.reporting.build import build_report, noise_statement
 
 DEMO_STEPS = 200   # per phase: FP phase, final QAT (the search runs half of it)
 #: relative cost of one step of each phase (a search step ~ 1.4 QAT steps, measured in
 #: reports/search_vs_uniform; an FP step ~ 0.8)
 _PHASE_COST = {"fp": 0.8, "search": 1.4, "qat": 1.0}
-#: the committed multi-seed frontier of the demo's space, for the paired figure
-REFERENCE = Path("reports") / "frontier-lm-tiny" / "report.json"
+#: the committed 8-seed paired grid at the demo's own setting (benchmarks/mixed_vs_uniform.py
+#: --preset cpu-lm-tiny), for the paired figure printed beside the demo's single seed
+REFERENCE = Path("reports") / "mixed_vs_uniform" / "lm-tiny" / "results.json"
 
 __all__ = ["run_demo", "DEMO_STEPS", "reference_figure"]
 
@@ -97,7 +98,7 @@ def run_demo(console, out: str = "runs", steps: int | None = None, budget: str =
     _print_table(console, results, budget, steps)
     report = build_report(root)
     say(noise_statement(report))
-    ref = reference_figure(budget)
+    ref = reference_figure(budget, steps=steps, target=target)
     if ref:
         say(ref)
     _, files = api.report(root)
@@ -131,24 +132,33 @@ def _print_table(console, results: dict[str, RunRecord], budget: str, steps: int
     console.print(table)
 
 
-def reference_figure(budget: str, path: Path | None = None) -> str | None:
-    """The committed multi-seed paired figure for gumbel vs uniform at ``budget`` (from
-    ``reports/frontier-lm-tiny/report.json`` next to the package), as one sentence; None
-    when that report or that budget is not there (an installed package without reports)."""
+def reference_figure(budget: str, path: Path | None = None, steps: int = DEMO_STEPS,
+                     target: str | None = "onnx") -> str | None:
+    """The committed 8-seed paired figure for the demo's search (gumbel) vs the best uniform
+    config at ``budget``, from the grid run at the demo's own setting
+    (``reports/mixed_vs_uniform/lm-tiny/results.json`` next to the package), as one
+    sentence; None when that file or that budget is not there (an installed package without
+    reports). A run at other steps or another target is told that the figure is not its own
+    setting."""
     path = path or (spaces_dir().parent / REFERENCE)
-    if not path.is_file():
-        return None
     try:
-        rep = report_from_json(path)
-    except CoqatError:
+        res = json.loads(path.read_text())
+        preset, cell = res["preset"], res["analysis"][budget]
+        d = cell["comparisons"]["gumbel"]["vs_best_uniform"]
+        n, mean, se, p, wins = d["n"], d["mean"], d["se"], d["p_t"], d["wins"]
+        holm = cell["holm"].get("gumbel")
+        name = next(r["metric_name"] for r in res["rows"])
+        grid_steps = preset["options"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
         return None
-    cell = next((g for g in rep.groups if g.method == "gumbel" and g.budget == budget), None)
-    cmp = compare_with_uniform(rep, cell) if cell is not None else None
-    if cmp is None or cmp.paired.n < 2:
+    if n < 2 or se is None or p is None:
         return None
-    p = cmp.paired
-    return (f"The committed lm-tiny frontier ({REFERENCE}, {p.n} seeds, its own settings)"
-            f" measured the searched config better than uniform at {budget} by"
-            f" {p.mean:+.4f} ± {p.se:.4f} (s.e.) {cell.points[0].metric_name}, one-sided p ="
-            f" {p.p_t:.2g}, better on {p.wins} of {p.n} seeds: that paired figure, not this"
-            " single seed, is the evidence.")
+    same = steps == grid_steps and target == preset.get("target")
+    setting = "this demo's setting" if same else \
+        f"{grid_steps} steps a phase, target {preset.get('target')}, not this run's setting"
+    return (f"The committed paired grid ({REFERENCE.parent}, {n} seeds, {setting}) measured"
+            f" the searched config against the best uniform ({cell['best_uniform']}) at"
+            f" {budget}: {mean:+.4f} ± {se:.4f} (s.e.) {name}, one-sided p = {p:.2g}"
+            + (f" (Holm over its two mixed arms {holm:.2g})" if holm is not None else "")
+            + f", better on {wins} of {n} seeds: that paired figure, not this single seed,"
+            " is the evidence.")

@@ -34,6 +34,38 @@ def test_uniform_arms_are_the_maximal_pairs_under_the_budget(mvu):
     assert mvu.uniform_pairs(LM_MICRO, "w4a4") == [(2, 8), (4, 4)]
     assert mvu.uniform_pairs(LM_MICRO, "wa24") == [(3, 8), (4, 6), (6, 4)]
     assert mvu.budget_mean("wa7.5") == 7.5 and mvu.budget_mean("w3a4") == 12
+    # a preset's target takes what it cannot serve out of the uniform arms (ONNX: no 3-
+    # or 6-bit types), and its search jobs carry the target
+    assert mvu.uniform_pairs(LM_MICRO, "wa24") != mvu.uniform_pairs(LM_MICRO, "wa24", "onnx")
+    assert mvu.uniform_pairs(LM_MICRO, "wa24", "onnx") == [(2, 8), (4, 4)]
+    cfg = mvu.subset(dict(mvu.PRESETS["cpu-lm-tiny"]), None, None)
+    jobs = [p[3] for p in mvu.plan(cfg)]
+    assert {j.target for j in jobs if j.is_search} == {"onnx"}
+    assert sorted({j.bits for j in jobs if not j.is_search}) == ["w2a4", "w2a8", "w4a4"]
+
+
+def test_the_demo_quotes_the_grid_at_its_own_setting(tmp_path):
+    """The demo's paired figure is read from the committed lm-tiny grid: the gumbel arm vs
+    the best uniform at the demo's budget; another setting is said to be another."""
+    from coqat.demo import DEMO_STEPS, reference_figure
+
+    rows = [{"metric_name": "val_loss"}]
+    cmp = {"n": 8, "mean": 0.0123, "se": 0.0045, "p_t": 0.013, "wins": 7}
+    res = {"preset": {"options": {"steps": DEMO_STEPS}, "target": "onnx"}, "rows": rows,
+           "analysis": {"w4a4": {"best_uniform": "w4a4", "holm": {"gumbel": 0.026},
+                                 "comparisons": {"gumbel": {"vs_best_uniform": cmp}}}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    text = reference_figure("w4a4", path)
+    assert "+0.0123 ± 0.0045" in text and "p = 0.013" in text and "Holm" in text
+    assert "7 of 8 seeds" in text and "this demo's setting" in text
+    assert "not this run's setting" in reference_figure("w4a4", path, steps=DEMO_STEPS + 1)
+    assert "not this run's setting" in reference_figure("w4a4", path, target=None)
+    assert reference_figure("wa9", path) is None                  # a budget it did not run
+    path.write_text("{not json")
+    assert reference_figure("w4a4", path) is None                 # damaged: no figure
+    # the committed grid has the demo's default budget
+    assert "8 seeds" in reference_figure("w4a4")
 
 
 def test_holm_adjusts_in_rank_order_and_keeps_missing_values(mvu):
