@@ -35,6 +35,9 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     python benchmarks/mixed_vs_uniform.py run --preset gpu-smollm2 --budgets wa9,w8a8 \
         --arms sensitivity --out /tmp/mvu --report-dir /tmp/mvu-report --deadline 120 \
         --keep reports/mixed_vs_uniform/smollm2/results.json
+    # the demo's own setting on 2 CPU cores (about 70 minutes; coqat demo quotes its figure)
+    python benchmarks/mixed_vs_uniform.py run --preset cpu-lm-tiny --out /tmp/lt/runs \
+        --report-dir reports/mixed_vs_uniform/lm-tiny
     # the same plan at toy size on the CPU (checks the script end to end)
     python benchmarks/mixed_vs_uniform.py run --preset smoke --out /tmp/mvu-smoke \\
         --report-dir /tmp/mvu-smoke/report
