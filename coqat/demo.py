@@ -12,7 +12,6 @@ evaluation).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from coqat.config import DEFAULT_SPACE, spaces_dir
 from coqat.cost import format_bops
 from coqat.errors import CoqatError
 from coqat.records import RunRecord
+from coqat.util import read_json
 from coqat.reporting.build import build_report, noise_statement
 
 DEMO_STEPS = 200   # per phase: FP phase, final QAT (the search runs half of it)
@@ -142,14 +142,14 @@ def reference_figure(budget: str, path: Path | None = None, steps: int = DEMO_ST
     setting."""
     path = path or (spaces_dir().parent / REFERENCE)
     try:
-        res = json.loads(path.read_text())
+        res = read_json(path, "the committed lm-tiny grid", "")
         preset, cell = res["preset"], res["analysis"][budget]
         d = cell["comparisons"]["gumbel"]["vs_best_uniform"]
         n, mean, se, p, wins = d["n"], d["mean"], d["se"], d["p_t"], d["wins"]
         holm = cell["holm"].get("gumbel")
         name = next(r["metric_name"] for r in res["rows"])
         grid_steps = preset["options"]["steps"]
-    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+    except (CoqatError, KeyError, TypeError, StopIteration):    # unreadable or another shape
         return None
     if n < 2 or se is None or p is None:
         return None
