@@ -444,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--report-dir", required=True, type=Path)
     r.add_argument("--seeds", type=int, default=None)
     r.add_argument("--workers", type=int, default=None)
+    r.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     r.add_argument("--deadline", type=float, default=None)
     r.add_argument("--data-dir", default=None, help="the workload's data (Fashion-MNIST)")
     r.add_argument("--budgets", default=None, help="comma-separated: only these of the"
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.cmd == "run":
         cfg = dict(PRESETS[args.preset])
-        for k in ("seeds", "workers", "deadline"):
+        for k in ("seeds", "workers", "threads", "deadline"):
             if getattr(args, k) is not None:
                 cfg[k] = getattr(args, k)
         if args.data_dir:

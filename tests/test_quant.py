@@ -606,6 +606,45 @@ def test_modules_train_the_shared_parameters():
     assert lin.weight.grad is not None and lin.bias.grad is not None
 
 
+@pytest.mark.parametrize("update", ["adamw-fused", "adamw-foreach", "load_state_dict",
+                                    "data-write"])
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+def test_evaluation_never_reuses_the_quantized_weight_of_older_weights(update, cls):
+    """Evaluation caches Q(weight); every way training changes the weight must refresh it.
+    The fused AdamW step (coqat's optimizer on CUDA, also on the CPU) does not bump the
+    parameter's version, which once served every evaluation the first one's Q(weight)."""
+    torch.manual_seed(0)
+    if cls == "linear":
+        m, x = QuantLinear(32, 16, w_bits=4, a_bits=4), torch.randn(8, 32)
+    else:
+        m, x = QuantConv2d(8, 8, 3, padding=1, w_bits=4, a_bits=4), torch.randn(2, 8, 6, 6)
+    m.eval()
+    with torch.no_grad():
+        before = m(x)
+    m.train()
+    if update.startswith("adamw"):
+        opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=update == "adamw-fused" or None,
+                                foreach=None if update == "adamw-fused" else True)
+        m(x).square().sum().backward()
+        opt.step()
+    elif update == "load_state_dict":
+        m.load_state_dict({k: v + 0.5 for k, v in m.state_dict().items()})
+    if update == "data-write":
+        m.eval()   # a write through .data bumps no version; only leaving eval refreshes
+        with torch.no_grad():
+            assert torch.equal(m(x), before)
+        m.weight.data.add_(0.5)
+        m.train()
+    m.eval()
+    with torch.no_grad():
+        after = m(x)
+        expected = F.linear(m._operand(x, 4, m.a_block, False), m._weight_operand(False), m.bias) \
+            if cls == "linear" else m._conv_forward(m._activation_operand(x, False),
+                                                    m._weight_operand(False), m.bias)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, expected)
+
+
 def test_quantized_module_keeps_input_dtype():
     ql = QuantLinear.from_float(nn.Linear(64, 8).to(torch.bfloat16), 4, 4)
     assert ql(randn(3, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
