@@ -158,7 +158,8 @@ def reference_figure(budget: str, path: Path | None = None, steps: int = DEMO_ST
         f"{grid_steps} steps a phase, target {preset.get('target')}, not this run's setting"
     return (f"The committed paired grid ({REFERENCE.parent}, {n} seeds, {setting}) measured"
             f" the searched config against the best uniform ({cell['best_uniform']}) at"
-            f" {budget}: {mean:+.4f} ± {se:.4f} (s.e.) {name}, one-sided p = {p:.2g}"
+            f" {budget}: its {name} better by {mean:+.4f} ± {se:.4f} (s.e.; < 0 = worse),"
+            f" one-sided p = {p:.2g}"
             + (f" (Holm over its two mixed arms {holm:.2g})" if holm is not None else "")
             + f", better on {wins} of {n} seeds: that paired figure, not this single seed,"
             " is the evidence.")

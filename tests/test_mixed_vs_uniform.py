@@ -57,7 +57,7 @@ def test_the_demo_quotes_the_grid_at_its_own_setting(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(res))
     text = reference_figure("w4a4", path)
-    assert "+0.0123 ± 0.0045" in text and "p = 0.013" in text and "Holm" in text
+    assert "val_loss better by +0.0123 ± 0.0045" in text and "p = 0.013" in text and "Holm" in text
     assert "7 of 8 seeds" in text and "this demo's setting" in text
     assert "not this run's setting" in reference_figure("w4a4", path, steps=DEMO_STEPS + 1)
     assert "not this run's setting" in reference_figure("w4a4", path, target=None)
