@@ -45,6 +45,9 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     # the same plan at toy size on the CPU (checks the script end to end)
     python benchmarks/mixed_vs_uniform.py run --preset smoke --out /tmp/mvu-smoke \\
         --report-dir /tmp/mvu-smoke/report
+    # each config of one seed beside its additive prediction from a sensitivity table
+    python benchmarks/mixed_vs_uniform.py predicted reports/mixed_vs_uniform/fashion/results.json \
+        reports/mixed_vs_uniform/fashion/sensitivity-s0-cpu.json --seed 0
     # README.md + results.json from a results file
     python benchmarks/mixed_vs_uniform.py readme reports/mixed_vs_uniform/minilm/results.json \\
         --report-dir reports/mixed_vs_uniform/minilm
@@ -441,6 +444,36 @@ def run(cfg: dict[str, Any], out: Path, report_dir: Path, keep: Path | None = No
     save()
 
 
+def predicted(results: dict[str, Any], table: Any, seed: int) -> dict[str, Any]:
+    """Each finished config of ``seed`` beside its additive prediction from a sensitivity
+    table (``coqat.Sensitivity``): the sum of the table's loss changes over the config's
+    decisions, matched by order within each kind (the order the search writes its
+    assignment in). Spearman over the configs: does the table rank what QAT ends with?"""
+    from scipy.stats import spearmanr
+
+    kinds = {k: [d for d in table.decisions if d.kind == k] for k in ("w", "a")}
+    out = []
+    for r in results["rows"]:
+        if r["seed"] != seed:
+            continue
+        asg = r.get("assignment")
+        if asg is None:                          # a uniform arm: every decision at its pair
+            m = _PAIR.match(r["arm"])
+            asg = {"w": [int(m.group(1))] * len(kinds["w"]),
+                   "a": [int(m.group(2))] * len(kinds["a"])}
+        if any(len(asg[k]) != len(kinds[k]) for k in kinds):
+            raise SystemExit(f"{r['arm']} {r['budget']}: the table has other decisions than"
+                             " this grid's space")
+        cells = [d.at(b) for k in kinds for d, b in zip(kinds[k], asg[k])]
+        if any(c is None for c in cells):
+            raise SystemExit(f"{r['arm']} {r['budget']}: the table lacks a width of it")
+        out.append({"arm": r["arm"], "budget": r["budget"], "predicted": sum(cells),
+                    "metric": r["metric"]})
+    rho = spearmanr([o["predicted"] for o in out], [o["metric"] for o in out])
+    return {"seed": seed, "configs": out, "spearman": float(rho.statistic),
+            "spearman_p": float(rho.pvalue)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -464,6 +497,11 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("readme")
     g.add_argument("results", type=Path)
     g.add_argument("--report-dir", required=True, type=Path)
+    q = sub.add_parser("predicted", help="each config of one seed beside its additive"
+                       " prediction from a sensitivity table (coqat sensitivity's json)")
+    q.add_argument("results", type=Path)
+    q.add_argument("table", type=Path)
+    q.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.cmd == "run":
         cfg = dict(PRESETS[args.preset])
@@ -474,6 +512,14 @@ def main(argv: list[str] | None = None) -> None:
             cfg["options"] = {**cfg.get("options", {}), "data_dir": args.data_dir}
         cfg = subset(cfg, args.budgets, args.arms)
         run(cfg, args.out, args.report_dir, args.keep)
+    elif args.cmd == "predicted":
+        from coqat.bitsearch.sensitivity import Sensitivity
+        pr = predicted(read_json(args.results), Sensitivity.load(args.table), args.seed)
+        for o in sorted(pr["configs"], key=lambda o: (o["budget"], o["predicted"])):
+            print(f"{o['budget']:6} {o['arm']:12} predicted {o['predicted']:+.4f}"
+                  f"  {o['metric']:.4f}")
+        print(f"Spearman over {len(pr['configs'])} configs: {pr['spearman']:+.3f}"
+              f" (p = {pr['spearman_p']:.2g})")
     else:
         res = read_json(args.results)
         res.pop("analysis", None)

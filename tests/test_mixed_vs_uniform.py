@@ -150,3 +150,32 @@ def test_the_primary_verdict_waits_for_every_planned_seed(mvu):
     assert "**shown**" not in page
     two = {**res, "preset": {**res["preset"], "seeds": 2}}
     assert "**shown**" in mvu.readme(two, ROOT / "reports/mixed_vs_uniform/smollm2")
+
+
+def test_predicted_sums_the_table_over_each_config_and_ranks_them(mvu):
+    """The additive prediction of a config is the sum of its cells (weights, then inputs, in
+    decision order); uniform arms take their pair everywhere; a table of another space is
+    refused."""
+    from coqat.bitsearch.sensitivity import DecisionSensitivity, Sensitivity
+
+    def row(name, kind, deltas):
+        return DecisionSensitivity(name, kind, [name[2:]], 100, [2, 4], deltas, [0.01, 0.01])
+
+    table = Sensitivity("x", "given", "quest", "holdout", 1, 8, 1.0, 0.0,
+                        [row("w:a", "w", [0.5, 0.1]), row("w:b", "w", [0.2, 0.0]),
+                         row("a:a", "a", [0.9, 0.3])], 3, 0.1)
+    rows = [{"arm": "w2a4", "budget": "wa9", "seed": 0, "metric": 0.80, "assignment": None},
+            {"arm": "sensitivity", "budget": "wa9", "seed": 0, "metric": 0.90,
+             "assignment": {"w": [4, 2], "a": [4]}},
+            {"arm": "random", "budget": "wa9", "seed": 0, "metric": 0.70,
+             "assignment": {"w": [2, 2], "a": [2]}},
+            {"arm": "random", "budget": "wa9", "seed": 1, "metric": 0.10,
+             "assignment": {"w": [2, 2], "a": [2]}}]
+    pr = mvu.predicted({"rows": rows}, table, seed=0)
+    got = {o["arm"]: o["predicted"] for o in pr["configs"]}
+    assert got == pytest.approx({"w2a4": 0.5 + 0.2 + 0.3, "sensitivity": 0.1 + 0.2 + 0.3,
+                                 "random": 0.5 + 0.2 + 0.9})
+    assert pr["spearman"] == pytest.approx(-1.0)     # seed 1 left out
+    rows[1]["assignment"] = {"w": [4, 2, 2], "a": [4]}
+    with pytest.raises(SystemExit, match="other decisions"):
+        mvu.predicted({"rows": rows}, table, seed=0)
