@@ -448,7 +448,10 @@ def predicted(results: dict[str, Any], table: Any, seed: int) -> dict[str, Any]:
     """Each finished config of ``seed`` beside its additive prediction from a sensitivity
     table (``coqat.Sensitivity``): the sum of the table's loss changes over the config's
     decisions, matched by order within each kind (the order the search writes its
-    assignment in). Spearman over the configs: does the table rank what QAT ends with?"""
+    assignment in). Spearman over the configs: does the table rank what QAT ends with?
+    It is ``coqat.bitsearch.sensitivity.predicted_delta`` without the SearchProblem, which
+    would mean building the space's model: the table's decisions are the problem's, in its
+    order, so the order is the match."""
     from scipy.stats import spearmanr
 
     kinds = {k: [d for d in table.decisions if d.kind == k] for k in ("w", "a")}

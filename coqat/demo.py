@@ -23,8 +23,8 @@ from coqat.config import DEFAULT_SPACE, spaces_dir
 from coqat.cost import format_bops
 from coqat.errors import CoqatError
 from coqat.records import RunRecord
-from coqat.util import read_json
 from coqat.reporting.build import build_report, noise_statement
+from coqat.util import read_json
 
 DEMO_STEPS = 200   # per phase: FP phase, final QAT (the search runs half of it)
 #: relative cost of one step of each phase (a search step ~ 1.4 QAT steps, measured in
