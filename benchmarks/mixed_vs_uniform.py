@@ -35,7 +35,10 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     python benchmarks/mixed_vs_uniform.py run --preset gpu-smollm2 --budgets wa9,w8a8 \
         --arms sensitivity --out /tmp/mvu --report-dir /tmp/mvu-report --deadline 120 \
         --keep reports/mixed_vs_uniform/smollm2/results.json
-    # fashion-resnet on one GPU, the rest of the grid after the committed seeds (seed 7: one call)
+    # fashion-resnet on one GPU, the rest of the grid after the committed seeds (seed 7: one
+    # call). On a lent machine give --report-dir a folder under $OUT: the page is rewritten
+    # after every run, so a call cut off at its limit still brings back what finished (the
+    # first jobs start whatever the deadline, and a Gumbel job takes 210-300 s there)
     python benchmarks/mixed_vs_uniform.py run --preset gpu-fashion --out /tmp/mvf \
         --report-dir /tmp/mvf-report --data-dir /tmp/fashion --deadline 480 \
         --keep reports/mixed_vs_uniform/fashion/results.json
