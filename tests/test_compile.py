@@ -189,17 +189,108 @@ def test_cli_compile_flag_reaches_the_run_config_and_bad_values_exit_2(tmp_path)
     assert config["settings"]["compile"] is False
 
 
-def test_search_and_its_fp_phase_follow_the_compile_choice():
-    """--compile reaches the search's FP phase; the Gumbel weight steps run eagerly on CUDA
-    (CUDA-graph replay broke them there) and as asked elsewhere."""
-    import torch
+def test_compiled_steps_use_cuda_graphs_unless_a_hook_runs_the_model_between_them(
+        monkeypatch):
+    from coqat.bitsearch.gumbel import GumbelSearchHooks
+    from coqat.training.hooks import TrainHooks
 
-    from coqat.bitsearch.methods import search_compile
-    from coqat.config import RunConfig
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda net, mode=None, **kw: modes.append(mode) or net)
+    on = TrainSettings(compile=True)
+    for graphs in (True, False):
+        compile_step(nn.Linear(4, 4), on, torch.device("cuda"), graphs=graphs)
+    compile_step(nn.Linear(4, 4), on, torch.device("cpu"))
+    assert modes == ["reduce-overhead", None, None]
+    assert TrainHooks.cuda_graphs and not GumbelSearchHooks.cuda_graphs
+
+
+@pytest.mark.parametrize("choice", ["auto", True, False])
+def test_search_and_its_fp_phase_follow_the_compile_choice(monkeypatch, tmp_path, choice):
+    """--compile reaches every phase of a search: the FP phase and the final QAT compile
+    with CUDA graphs where they apply, the Gumbel weight steps without (the architecture
+    step runs the model between them), and the architecture step compiles its own model."""
+    pytest.importorskip("fvcore")
+    from coqat.bitsearch import run_search
+    from coqat.training import loop
+    from conftest import LM_MICRO, run_config
+
+    steps, compiled = [], []
+    real_compile_step = loop.compile_step
+
+    def record_step(net, settings, device, graphs=True):
+        steps.append((settings.compile, graphs))
+        return real_compile_step(net, settings.replace(compile=False), device)
+
+    monkeypatch.setattr(loop, "compile_step", record_step)
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(net) or net)
+    cfg = run_config(LM_MICRO, tmp_path, steps=2, seed=0, fp_steps=2, search_steps=2,
+                     compile=choice)
+    assert cfg.fp_phase(5).train.compile == choice
+    run_search(cfg, "w4a4", "gumbel")
+    assert steps == [(choice, True), (choice, False), (choice, True)]   # FP, search, QAT
+    assert len(compiled) == (1 if choice is True else 0)      # "auto" is eager on the CPU
+
+
+def test_the_architecture_step_compiles_once_for_every_soft_sample():
+    """Every architecture step draws new soft mixes: they are inputs of the compiled graph,
+    so one graph serves them all, and the logits move as the eager step moves them."""
+    pytest.importorskip("fvcore")
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from coqat.bitsearch import GumbelSearch, SearchProblem, SearchSettings, to_search_model
+    from coqat.config import load_space
+    from coqat.cost import CostModel, parse_budget
+    from coqat.workloads import get_workload
     from conftest import LM_MICRO
 
-    for choice in ("auto", True, False):
-        cfg = RunConfig.from_options(LM_MICRO, compile=choice)
-        assert cfg.fp_phase(5).train.compile == choice
-        assert search_compile(torch.device("cuda"), choice) is False
-        assert search_compile(torch.device("cpu"), choice) == choice
+    space = load_space(LM_MICRO)
+    wl = get_workload(space.workload_name,
+                      {k: v for k, v in space.workload.items() if k != "name"})
+    torch.manual_seed(0)
+    base = wl.build_model()
+    cost = CostModel.from_model(base, wl.example_inputs())
+    resolved = space.resolve(list(cost.layers), cost.tie_groups)
+    problem = SearchProblem.build(resolved, cost)
+    budget = parse_budget("w4a4", cost, resolved.pinned)
+    counter = CompileCounterWithBackend("aot_eager")
+    logits = []
+    for compiled in (False, True):
+        model = copy.deepcopy(base)
+        gs = GumbelSearch(problem, cost, to_search_model(model, problem), budget,
+                          SearchSettings().validate(), 0, arch_steps=4)
+        net = torch.compile(model, backend=counter) if compiled else model
+        for i in range(3):
+            gs.arch_step(net, wl.get_batch("holdout", i, 4), wl.loss, i)
+        logits.append(torch.cat([t.detach() for t in gs.parameters()]))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    x = wl.get_batch("holdout", 0, 4)
+    for i in range(2):                   # hard samples: one more graph, whatever is drawn
+        gs.apply(gs.sample(i, "weights", "hard"))
+        wl.loss(net, x)
+    assert counter.frame_count == 2
+
+
+def test_search_step_benchmark_times_both_step_kinds_on_the_cpu():
+    """benchmarks/search_steps.py end to end at toy size (aot_eager compiles nothing)."""
+    pytest.importorskip("fvcore")
+    import importlib.util
+    import sys
+
+    from conftest import LM_MICRO
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "search_steps.py"
+    spec = importlib.util.spec_from_file_location("search_steps", path)
+    mod = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = saved      # benchmarks/ holds a kernels.py that transformers would import
+    res = mod.measure(LM_MICRO, "w4a4", 1, "aot_eager", say=lambda _: None)
+    for kind in ("weight", "arch"):
+        assert res[f"eager_{kind}_ms"] > 0 and res[f"compiled_{kind}_ms"] > 0
+        assert res[f"compiled_{kind}_first_s"] > 0
+    assert res["arch_steps_in_search"] >= 1 and res["decisions"] > 0

@@ -47,6 +47,15 @@ configurations that can be deployed.
 
 Derivation (``derive``): argmax per decision, then the knapsack repair valued by the
 learned log-probabilities, so the final BOPs are <= B exactly.
+
+Where it runs. The logits, the multiplier, the Gumbel noise and E[BOPs] live on the CPU
+whatever the model's device: they are a few hundred numbers, and a hard sample drawn there
+is a Python int at once (on a GPU every ``argmax`` would be a host sync per decision per
+step). A soft sample goes to the model's device in one copy (``_to_device``); the gradient
+comes back the same way. With ``--compile`` on (the CUDA default) the weight steps are
+compiled by the loop, without CUDA graphs (the architecture step runs the model between two
+of them), and the architecture step through its own ``torch.compile`` of the model: a mix
+is data to that graph, so every soft sample reuses it.
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ from coqat.bitsearch.problem import Assignment, SearchProblem
 from coqat.bitsearch.relax import Mix, set_assignment
 from coqat.config import SearchSettings
 from coqat.training.hooks import StepContext, TrainHooks
-from coqat.training.loop import autocast
+from coqat.training.loop import autocast, compile_enabled
 from coqat.workloads.base import to_device
 from coqat.workloads.sampling import stable_seed
 
@@ -103,9 +112,10 @@ class GumbelSearch:
         self.free = self.budget - problem.fixed_bops      # B - F, > 0 for a feasible budget
         if self.free <= 0:
             raise ValueError("budget does not exceed the fixed BOPs")
-        self.w_logits = [nn.Parameter(torch.zeros(len(d.choices), device=self.device))
+        # the search's own state is on the CPU; ``device`` is the model's (module docstring)
+        self.w_logits = [nn.Parameter(torch.zeros(len(d.choices)))
                          for d in problem.w_decisions]
-        self.a_logits = [nn.Parameter(torch.zeros(len(d.choices), device=self.device))
+        self.a_logits = [nn.Parameter(torch.zeros(len(d.choices)))
                          for d in problem.a_decisions]
         self.optimizer = torch.optim.SGD(self.parameters(), lr=settings.arch_lr,
                                          momentum=settings.arch_momentum)
@@ -113,9 +123,9 @@ class GumbelSearch:
         self.arch_steps = max(1, int(arch_steps))
         self.k = 0                                        # architecture steps done
         self._ema: dict[str, float] = {}                  # running gradient scales
-        self._bits_w = [torch.tensor(d.choices, dtype=torch.float64, device=self.device)
+        self._bits_w = [torch.tensor(d.choices, dtype=torch.float64)
                         for d in problem.w_decisions]
-        self._bits_a = [torch.tensor(d.choices, dtype=torch.float64, device=self.device)
+        self._bits_a = [torch.tensor(d.choices, dtype=torch.float64)
                         for d in problem.a_decisions]
         if settings.init == "budget":
             self._start_on_budget()
@@ -187,8 +197,7 @@ class GumbelSearch:
 
     # ----- sampling and mixing ---------------------------------------------------------
     def _noise(self, i: int, kind: str, n: int, step: int, purpose: str) -> torch.Tensor:
-        return gumbel_noise((n,), stable_seed(self.seed, "gumbel", purpose, step, kind, i)
-                            ).to(self.device)
+        return gumbel_noise((n,), stable_seed(self.seed, "gumbel", purpose, step, kind, i))
 
     def sample(self, step: int, purpose: str, mode: str) -> tuple[list[Mix], list[Mix]]:
         """One sample per decision. ``mode``: "hard" (an index drawn from softmax(logits),
@@ -209,8 +218,18 @@ class GumbelSearch:
                 dst.append(y)
         return out
 
+    def _to_device(self, mixes: list[Mix]) -> list[Mix]:
+        """The tensor mixes on the model's device, moved in one copy (ints stay ints)."""
+        soft = [m for m in mixes if isinstance(m, torch.Tensor)]
+        if not soft or self.device.type == "cpu":
+            return mixes
+        moved = iter(torch.cat(soft).to(self.device).split([m.numel() for m in soft]))
+        return [next(moved) if isinstance(m, torch.Tensor) else m for m in mixes]
+
     def apply(self, mixes: tuple[list[Mix], list[Mix]]) -> None:
-        w_mix, a_mix = mixes
+        n_w = len(mixes[0])
+        both = self._to_device(list(mixes[0]) + list(mixes[1]))
+        w_mix, a_mix = both[:n_w], both[n_w:]
         for n, m in self.modules.items():
             m.set_mix(w_mix[self.problem.layer_w[n]], a_mix[self.problem.layer_a[n]])
 
@@ -317,6 +336,7 @@ class GumbelSearchHooks(TrainHooks):
     """Drives a GumbelSearch from the training loop (see the module docstring)."""
 
     name = "gumbel_search"
+    cuda_graphs = False     # the architecture step runs the model between two weight steps
 
     def __init__(self, search: GumbelSearch, total_steps: int, arch_batch_size: int,
                  trace: Callable[[dict[str, Any]], None] | None = None,
@@ -326,8 +346,13 @@ class GumbelSearchHooks(TrainHooks):
         self.trace, self.progress = trace, progress
         self.last: dict[str, Any] = {}
         self.t_arch = 0.0
+        self.arch_net: nn.Module | None = None
 
     def on_start(self, ctx: StepContext) -> None:
+        # the architecture step's own compiled model (no CUDA graphs: see the class field);
+        # one graph serves every soft sample, since a mix is an input to it
+        self.arch_net = (torch.compile(ctx.model) if compile_enabled(ctx.settings, ctx.device)
+                         else None)
         self.search.apply(self.search.sample(ctx.step, "weights", "hard"))
         if self.trace is not None:
             with torch.no_grad():
@@ -345,7 +370,8 @@ class GumbelSearchHooks(TrainHooks):
             batch = to_device(ctx.workload.get_batch(
                 "holdout", ctx.step, self.arch_batch_size, ctx.dist.rank, ctx.dist.world_size),
                 ctx.device)
-            rec = s.arch_step(ctx.model, batch, ctx.workload.loss, ctx.step)
+            net = self.arch_net if self.arch_net is not None else ctx.model
+            rec = s.arch_step(net, batch, ctx.workload.loss, ctx.step)
             self.t_arch += time.perf_counter() - t0
             rec.update({"kind": "search", "step": done, "mu": s.mu, "train_loss": ctx.loss,
                         "entropy": s.entropy(),

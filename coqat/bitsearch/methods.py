@@ -40,7 +40,7 @@ from coqat.workloads.base import to_device
 from coqat.workloads.sampling import stable_seed
 
 __all__ = ["SearchMethod", "METHODS", "register_method", "get_method", "arch_step_count",
-           "estimate_search_seconds", "repair_info", "search_compile"]
+           "estimate_search_seconds", "repair_info"]
 
 
 class SearchMethod(Protocol):
@@ -113,8 +113,7 @@ class GumbelMethod:
         settings = prep.settings.replace(
             steps=job.search_steps, lr=prep.settings.lr * s.weight_lr_scale, warmup_steps=0,
             eval_every=job.search_steps, checkpoint_every=job.search_steps,
-            log_every=max(1, min(prep.settings.log_every, job.search_steps)),
-            compile=search_compile(prep.device, prep.settings.compile))
+            log_every=max(1, min(prep.settings.log_every, job.search_steps)))
         schedule = Schedule(job.search_steps, 0, decay_frac=0.0, min_lr_ratio=1.0)
         ctx.say(f"search: {job.search_steps} weight steps, {n_arch} architecture steps on"
                 f" holdout, {len(p.w_decisions)} weight + {len(p.a_decisions)} activation"
@@ -247,16 +246,6 @@ for _m in (GumbelMethod(), OptunaMethod(), RandomMethod(), SensitivityMethod(),
 
 
 # ----- helpers ---------------------------------------------------------------------------------
-def search_compile(device: torch.device, wanted: bool | str) -> bool | str:
-    """The compile setting of the Gumbel search's weight steps: eager on CUDA, ``wanted``
-    elsewhere. Compiled with CUDA graphs (the CUDA default of training), the architecture
-    step between two replays kept a tensor of the graphs' memory pool alive, and every
-    search on one H100 failed ("tensor(s) in the cudagraph pool not tracked as outputs";
-    reports/mixed_vs_uniform, issue #15). Compiling without graphs is not measured on a GPU.
-    """
-    return False if device.type == "cuda" else wanted
-
-
 def arch_step_count(search_steps: int, arch_every: int) -> int:
     """Architecture steps in a search: one every ``arch_every`` steps, and one at the end."""
     return search_steps // arch_every + (1 if search_steps % arch_every else 0)

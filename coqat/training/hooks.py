@@ -45,6 +45,11 @@ class TrainHooks:
 
     #: key under which this hook's state is checkpointed
     name = "hooks"
+    #: False: the hook runs the model between two training steps (the search's architecture
+    #: step does), so a compiled step must not be captured as a CUDA graph: a replay may
+    #: overwrite memory the hook's own forward still holds. The loop then compiles without
+    #: graphs (``coqat.training.loop.compile_step``).
+    cuda_graphs = True
 
     def on_start(self, ctx: StepContext) -> None: ...
     def on_qat_start(self, ctx: StepContext) -> None: ...

@@ -44,21 +44,29 @@ def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Ad
                              fused=fused or None)
 
 
-def compile_step(net: nn.Module, settings: TrainSettings, device: torch.device) -> nn.Module:
+def compile_enabled(settings: TrainSettings, device: torch.device) -> bool:
+    """Whether ``settings.compile`` asks for ``torch.compile`` on ``device`` ("auto": on
+    CUDA only; on the CPU it did not pay, see reports/kernels.md)."""
+    return device.type == "cuda" if settings.compile == "auto" else bool(settings.compile)
+
+
+def compile_step(net: nn.Module, settings: TrainSettings, device: torch.device,
+                 graphs: bool = True) -> nn.Module:
     """The module the training steps call: ``torch.compile``d per ``settings.compile``
-    ("auto": on CUDA only; on the CPU it did not pay, see reports/kernels.md).
+    (``compile_enabled``).
 
     Compiled, the forward and backward of a step are one graph each (the quantized layers'
     kernels are custom ops, so nothing breaks it); switching phases swaps modules, which
     recompiles once. Evaluation and the hooks run the module itself, eagerly. On one GPU the
     graphs are also captured as CUDA graphs: the QAT step calls its Triton kernels through
     Python, and without capture it was host-bound (lm-30m on an H200: 64.8 ms a step
-    against 23.9 ms replayed). DDP's gradient hooks do not fit a captured graph.
+    against 23.9 ms replayed). DDP's gradient hooks do not fit a captured graph, nor does a
+    hook that runs the model between steps (``graphs=False``, ``TrainHooks.cuda_graphs``).
     """
-    on = device.type == "cuda" if settings.compile == "auto" else bool(settings.compile)
-    if not on:
+    if not compile_enabled(settings, device):
         return net
-    graphs = device.type == "cuda" and not isinstance(net, nn.parallel.DistributedDataParallel)
+    graphs = (graphs and device.type == "cuda"
+              and not isinstance(net, nn.parallel.DistributedDataParallel))
     return torch.compile(net, mode="reduce-overhead" if graphs else None)
 
 
@@ -109,7 +117,7 @@ def train(*, model: nn.Module, workload: Workload, settings: TrainSettings, sche
     if env.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    net = compile_step(net, settings, device)
+    net = compile_step(net, settings, device, graphs=all(h.cuda_graphs for h in hooks))
 
     ctx = StepContext(step=start, lr=settings.lr, phase=schedule.phase(start), model=model,
                       optimizer=optimizer, schedule=schedule, settings=settings,
