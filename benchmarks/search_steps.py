@@ -22,9 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
 from common import command_line, machine_info, write_json  # noqa: E402
+# transformers imports a package named `kernels` when it finds one (benchmarks/kernels.py
+# must not be it): the same as benchmarks/mixed_vs_uniform.py
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
 
 def measure(space: str, budget: str, steps: int, backend: str,
@@ -32,6 +35,7 @@ def measure(space: str, budget: str, steps: int, backend: str,
     import torch
 
     from coqat.bitsearch import GumbelSearch, to_search_model
+    from coqat.bitsearch.methods import arch_step_count
     from coqat.bitsearch.pipeline import plan_search
     from coqat.config import RunConfig
     from coqat.training.loop import autocast, build_optimizer
@@ -87,8 +91,7 @@ def measure(space: str, budget: str, steps: int, backend: str,
         # steps after which the compile has paid for itself (None: it never does)
         out[f"{kind}_break_even_steps"] = (round(1e3 * out[f"compiled_{kind}_first_s"] / saved)
                                           if saved > 0 else None)
-    n_arch = job.search_steps // s.arch_every + bool(job.search_steps % s.arch_every)
-    out["arch_steps_in_search"] = n_arch
+    out["arch_steps_in_search"] = arch_step_count(job.search_steps, s.arch_every)
     return out
 
 

@@ -231,7 +231,7 @@ def test_search_and_its_fp_phase_follow_the_compile_choice(monkeypatch, tmp_path
     assert len(compiled) == (1 if choice is True else 0)      # "auto" is eager on the CPU
 
 
-def test_the_architecture_step_compiles_once_for_every_soft_sample():
+def test_the_architecture_step_compiles_once_for_every_soft_sample(tmp_path):
     """Every architecture step draws new soft mixes: they are inputs of the compiled graph,
     so one graph serves them all, and the logits move as the eager step moves them."""
     pytest.importorskip("fvcore")
@@ -239,27 +239,18 @@ def test_the_architecture_step_compiles_once_for_every_soft_sample():
 
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from coqat.bitsearch import GumbelSearch, SearchProblem, SearchSettings, to_search_model
-    from coqat.config import load_space
-    from coqat.cost import CostModel, parse_budget
-    from coqat.workloads import get_workload
-    from conftest import LM_MICRO
+    from coqat.bitsearch import GumbelSearch, SearchSettings, to_search_model
+    from coqat.bitsearch.pipeline import plan_search
+    from conftest import LM_MICRO, run_config
 
-    space = load_space(LM_MICRO)
-    wl = get_workload(space.workload_name,
-                      {k: v for k, v in space.workload.items() if k != "name"})
-    torch.manual_seed(0)
-    base = wl.build_model()
-    cost = CostModel.from_model(base, wl.example_inputs())
-    resolved = space.resolve(list(cost.layers), cost.tie_groups)
-    problem = SearchProblem.build(resolved, cost)
-    budget = parse_budget("w4a4", cost, resolved.pinned)
+    job = plan_search(run_config(LM_MICRO, tmp_path), "w4a4")    # builds, trains nothing
+    prep, problem, wl = job.fp_prep, job.problem, job.fp_prep.workload
     counter = CompileCounterWithBackend("aot_eager")
     logits = []
     for compiled in (False, True):
-        model = copy.deepcopy(base)
-        gs = GumbelSearch(problem, cost, to_search_model(model, problem), budget,
-                          SearchSettings().validate(), 0, arch_steps=4)
+        model = copy.deepcopy(prep.model)
+        gs = GumbelSearch(problem, prep.cost, to_search_model(model, problem),
+                          job.budget.bops, SearchSettings().validate(), 0, arch_steps=4)
         net = torch.compile(model, backend=counter) if compiled else model
         for i in range(3):
             gs.arch_step(net, wl.get_batch("holdout", i, 4), wl.loss, i)
@@ -277,18 +268,13 @@ def test_search_step_benchmark_times_both_step_kinds_on_the_cpu():
     """benchmarks/search_steps.py end to end at toy size (aot_eager compiles nothing)."""
     pytest.importorskip("fvcore")
     import importlib.util
-    import sys
 
     from conftest import LM_MICRO
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "search_steps.py"
     spec = importlib.util.spec_from_file_location("search_steps", path)
     mod = importlib.util.module_from_spec(spec)
-    saved = list(sys.path)
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path[:] = saved      # benchmarks/ holds a kernels.py that transformers would import
+    spec.loader.exec_module(mod)           # it takes benchmarks/ off sys.path again itself
     res = mod.measure(LM_MICRO, "w4a4", 1, "aot_eager", say=lambda _: None)
     for kind in ("weight", "arch"):
         assert res[f"eager_{kind}_ms"] > 0 and res[f"compiled_{kind}_ms"] > 0
