@@ -330,6 +330,8 @@ class SearchSettings:
         sensitivity_estimate = "measured"  # --method sensitivity: measured | fisher table
         optuna_trials = 0         # cap on Optuna trials (0: no cap, only the time limit)
         optuna_seconds = 0.0      # Optuna's wall-clock (0: the Gumbel search's, measured)
+        compile_arch = false      # with --compile on, compile the architecture step too (its
+                                  # cold compile pays only after ~1100 steps on lm-30m)
 
     Why these choices: see ``coqat.bitsearch.gumbel`` (SGD for the logits so that mu's scale reaches
     the bits; a normalised constraint so that eta_mu means the same on every model).
@@ -354,6 +356,7 @@ class SearchSettings:
     sensitivity_estimate: str = "measured"
     optuna_trials: int = 0
     optuna_seconds: float = 0.0
+    compile_arch: bool = False
 
     def validate(self, where: str = "[search]") -> "SearchSettings":
         def need(cond: bool, msg: str) -> None:
@@ -366,6 +369,8 @@ class SearchSettings:
         need(self.sensitivity_estimate in SENSITIVITY_ESTIMATES,
              f"sensitivity_estimate must be 'measured' or 'fisher' (got"
              f" {self.sensitivity_estimate!r})")
+        need(isinstance(self.compile_arch, bool),
+             f"compile_arch must be true or false (got {self.compile_arch!r})")
         for name in ("arch_every", "trace_every", "proxy_batches"):
             v = getattr(self, name)
             need(_is_int(v, lo=1), f"{name} must be a positive integer (got {v!r})")

@@ -204,60 +204,83 @@ def test_compiled_steps_use_cuda_graphs_unless_a_hook_runs_the_model_between_the
     assert TrainHooks.cuda_graphs and not GumbelSearchHooks.cuda_graphs
 
 
+@pytest.mark.parametrize("compile_arch", [False, True])
 @pytest.mark.parametrize("choice", ["auto", True, False])
-def test_search_and_its_fp_phase_follow_the_compile_choice(monkeypatch, tmp_path, choice):
+def test_search_and_its_fp_phase_follow_the_compile_choice(monkeypatch, tmp_path, choice,
+                                                          compile_arch):
     """--compile reaches every phase of a search: the FP phase and the final QAT compile
     with CUDA graphs where they apply, the Gumbel weight steps without (the architecture
-    step runs the model between them), and the architecture step compiles its own model."""
+    step runs the model between them). The architecture step compiles its own model only
+    with ``[search] compile_arch = true``: by default it runs eagerly."""
     pytest.importorskip("fvcore")
-    from coqat.bitsearch import run_search
+    from coqat.bitsearch import GumbelSearchHooks, run_search
     from coqat.training import loop
     from conftest import LM_MICRO, run_config
 
-    steps, compiled = [], []
+    steps, compiled, arch_nets = [], [], []
     real_compile_step = loop.compile_step
+    real_on_start = GumbelSearchHooks.on_start
 
     def record_step(net, settings, device, graphs=True):
         steps.append((settings.compile, graphs))
         return real_compile_step(net, settings.replace(compile=False), device)
 
+    def record_arch_net(self, ctx):
+        real_on_start(self, ctx)
+        arch_nets.append(self.arch_net)
+
     monkeypatch.setattr(loop, "compile_step", record_step)
     monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(net) or net)
+    monkeypatch.setattr(GumbelSearchHooks, "on_start", record_arch_net)
     cfg = run_config(LM_MICRO, tmp_path, steps=2, seed=0, fp_steps=2, search_steps=2,
-                     compile=choice)
+                     compile=choice, compile_arch=compile_arch)
     assert cfg.fp_phase(5).train.compile == choice
     run_search(cfg, "w4a4", "gumbel")
     assert steps == [(choice, True), (choice, False), (choice, True)]   # FP, search, QAT
-    assert len(compiled) == (1 if choice is True else 0)      # "auto" is eager on the CPU
+    arch_compiled = choice is True and compile_arch               # "auto" is eager on the CPU
+    assert len(compiled) == (1 if arch_compiled else 0)
+    assert len(arch_nets) == 1 and (arch_nets[0] is not None) == arch_compiled
 
 
-def test_the_architecture_step_compiles_once_for_every_soft_sample(tmp_path):
-    """Every architecture step draws new soft mixes: they are inputs of the compiled graph,
-    so one graph serves them all, and the logits move as the eager step moves them."""
+def test_the_architecture_step_compiles_once_for_every_soft_sample(monkeypatch, tmp_path):
+    """With compile on, the architecture step is eager unless ``compile_arch`` is set. Set,
+    every architecture step draws new soft mixes: they are inputs of the compiled graph, so
+    one graph serves them all, and the logits move as the eager step moves them."""
     pytest.importorskip("fvcore")
     import copy
+    from types import SimpleNamespace
 
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from coqat.bitsearch import GumbelSearch, SearchSettings, to_search_model
+    from coqat.bitsearch import GumbelSearch, GumbelSearchHooks, SearchSettings, to_search_model
     from coqat.bitsearch.pipeline import plan_search
     from conftest import LM_MICRO, run_config
 
     job = plan_search(run_config(LM_MICRO, tmp_path), "w4a4")    # builds, trains nothing
     prep, problem, wl = job.fp_prep, job.problem, job.fp_prep.workload
     counter = CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: real_compile(net, backend=counter))
     logits = []
-    for compiled in (False, True):
+    for compile_arch in (False, True):
         model = copy.deepcopy(prep.model)
+        settings = SearchSettings(arch_every=1, compile_arch=compile_arch).validate()
         gs = GumbelSearch(problem, prep.cost, to_search_model(model, problem),
-                          job.budget.bops, SearchSettings().validate(), 0, arch_steps=4)
-        net = torch.compile(model, backend=counter) if compiled else model
-        for i in range(3):
-            gs.arch_step(net, wl.get_batch("holdout", i, 4), wl.loss, i)
+                          job.budget.bops, settings, 0, arch_steps=4)
+        hooks = GumbelSearchHooks(gs, total_steps=10, arch_batch_size=4)
+        ctx = SimpleNamespace(step=0, model=model, settings=TrainSettings(compile=True),
+                              device=torch.device("cpu"), workload=wl, loss=0.0,
+                              dist=SimpleNamespace(rank=0, world_size=1))
+        hooks.on_start(ctx)
+        assert (hooks.arch_net is not None) == compile_arch
+        for i in range(3):                     # three architecture steps (arch_every = 1)
+            ctx.step = i
+            hooks.after_optimizer_step(ctx)
+        assert gs.k == 3
+        assert counter.frame_count == (1 if compile_arch else 0)
         logits.append(torch.cat([t.detach() for t in gs.parameters()]))
-    assert counter.frame_count == 1
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
-    x = wl.get_batch("holdout", 0, 4)
+    net, x = hooks.arch_net, wl.get_batch("holdout", 0, 4)
     for i in range(2):                   # hard samples: one more graph, whatever is drawn
         gs.apply(gs.sample(i, "weights", "hard"))
         wl.loss(net, x)
