@@ -29,11 +29,16 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     # the wheel and runs this script with PYTHONPATH=/tmp/site:$PWD.
     # SmolLM2, part by part over sessions (PROTOCOL.md): the primary arm, wa9 + control
     # first; each later call on a fresh machine keeps the committed rows. One 10-minute
-    # call fits about one seed (3 processes fill an H100's 80 GB); a job starts only if the
-    # slowest job of the call so far would end by --deadline, and the first wave's searches
-    # take ~400-480 s, so keep --deadline near 120 s or the call's limit cuts a seed off
+    # call fits about one seed (3 processes: 80 GB of an H100, ~52-79 GB of an H200); a job
+    # starts only if the slowest job of the call so far would end by --deadline. On an H200
+    # a seed's searches take 250-330 s and its uniform runs 80-100 s: calls with --deadline
+    # 400 finished 5 and 7 runs in 510-560 s (wrap it in `timeout 560`; on the same warm
+    # machine a run cut off resumes from its checkpoint in the next call). On an H100 the
+    # searches take 400-480 s: keep --deadline near 120 s there
+    # On a lent machine give --report-dir a folder under $OUT (the page is rewritten after
+    # every run, so a call cut off at its limit still brings back what finished)
     python benchmarks/mixed_vs_uniform.py run --preset gpu-smollm2 --budgets wa9,w8a8 \
-        --arms sensitivity --out /tmp/mvu --report-dir /tmp/mvu-report --deadline 120 \
+        --arms sensitivity --out /tmp/mvu --report-dir $OUT/report --deadline 400 \
         --keep reports/mixed_vs_uniform/smollm2/results.json
     # fashion-resnet on one GPU, the rest of the grid after the committed seeds (seed 7: one
     # call). On a lent machine give --report-dir a folder under $OUT: the page is rewritten
@@ -51,6 +56,9 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     # each config of one seed beside its additive prediction from a sensitivity table
     python benchmarks/mixed_vs_uniform.py predicted reports/mixed_vs_uniform/fashion/results.json \
         reports/mixed_vs_uniform/fashion/sensitivity-s0-cpu.json --seed 0
+    # per budget, the sensitivity config from a table read raw vs monotone (the default)
+    python benchmarks/mixed_vs_uniform.py cleaned --space smollm2-wiki \
+        --table reports/pretrained/smollm2.json --budgets wa9,w8a8
     # README.md + results.json from a results file
     python benchmarks/mixed_vs_uniform.py readme reports/mixed_vs_uniform/minilm/results.json \\
         --report-dir reports/mixed_vs_uniform/minilm
@@ -79,12 +87,17 @@ from coqat.sweep.local import CACHED, LocalJob, read_finished, run_local  # noqa
 from coqat.targets import get_target  # noqa: E402
 from coqat.util import atomic_write_text  # noqa: E402
 
-#: mixed arms: name -> (search method, extra options); a preset's "mixed" picks some
+#: mixed arms: name -> (search method, extra options); a preset's "mixed" picks some.
+#: The protocol's sensitivity arms read the raw table (they were run before coqat made the
+#: rows monotone by default, and the grids must stay one method); "sensitivity-monotone" is
+#: today's default of `coqat search --method sensitivity`.
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sensitivity": ("sensitivity", {}),
+    "sensitivity": ("sensitivity", {"sensitivity_clean": "none"}),
     "gumbel": ("gumbel", {}),
     "random": ("random", {}),
-    "sensitivity-fisher": ("sensitivity", {"sensitivity_estimate": "fisher"}),
+    "sensitivity-fisher": ("sensitivity", {"sensitivity_estimate": "fisher",
+                                           "sensitivity_clean": "none"}),
+    "sensitivity-monotone": ("sensitivity", {"sensitivity_clean": "monotone"}),
 }
 MIXED = ("sensitivity", "gumbel", "random")      # the default arms
 PRIMARY = "sensitivity"
@@ -114,7 +127,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu-smollm2": {"space": "smollm2-wiki", "budgets": ["wa9", "wa12", "w8a8"], "seeds": 8,
                     "device": "cuda", "compile": "off", "workers": 3, "threads": 4,
                     "deadline": 520, "options": {"proxy_batches": 4},
-                    "mixed": ["sensitivity", "sensitivity-fisher", "gumbel", "random"]},
+                    "mixed": ["sensitivity", "sensitivity-fisher", "gumbel", "random",
+                              "sensitivity-monotone"]},
     # Two CPU cores, the demo's own setting (coqat.demo): lm-tiny from scratch, 200 steps per
     # phase (FP phase, final QAT; the Gumbel search 100), searched for the ONNX target, so
     # the demo can print this grid's paired figure beside its single seed. The Gumbel arm
@@ -123,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
                     "deadline": None, "target": "onnx",
                     "options": {"steps": 200, "fp_steps": 200, "search_steps": 100},
-                    "mixed": ["sensitivity", "gumbel"]},
+                    "mixed": ["sensitivity", "gumbel", "sensitivity-monotone"]},
     # toy size on the CPU: every arm of 2 seeds at 3 steps
     "smoke": {"space": "minilm-topics", "budgets": ["wa9", "w4a4"], "seeds": 2,
               "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
@@ -480,6 +494,58 @@ def predicted(results: dict[str, Any], table: Any, seed: int) -> dict[str, Any]:
             "spearman_p": float(rho.pvalue)}
 
 
+def cleaned(space: str, table: Any, budgets: list[str], device: str = "cpu"
+            ) -> list[dict[str, Any]]:
+    """Per budget, the sensitivity method's config from ``table`` with its rows read raw and
+    read monotone (``coqat.bitsearch.sensitivity.monotone_row``, the method's default), on
+    the space's decisions restricted to the widths the table measured (a table from the
+    diagnostic may lack a candidate of the space; those widths are listed). Builds the
+    space's model to get its problem; trains nothing."""
+    import dataclasses
+
+    from coqat.bitconfig import FLOAT_BITS
+    from coqat.bitsearch.baselines import fill_floor
+    from coqat.bitsearch.knapsack import repair
+    from coqat.bitsearch.pipeline import plan_search
+    from coqat.bitsearch.sensitivity import predicted_delta, values
+    from coqat.config import RunConfig
+    from coqat.cost.budget import mean_wa
+
+    rows = {r.name: r for r in table.decisions}
+    out = []
+    for budget in budgets:
+        job = plan_search(RunConfig.from_options(space, device=device, progress=False),
+                          budget, "sensitivity")
+        full = job.problem
+        missing = [d.name for d in full.decisions if d.name not in rows]
+        if missing:
+            raise SystemExit(f"the table lacks {len(missing)} decision(s) of {space}, e.g."
+                             f" {missing[0]}: it was measured on another model")
+
+        def measured(ds):
+            return [dataclasses.replace(d, choices=tuple(
+                c for c in d.choices if c in rows[d.name].widths or c == FLOAT_BITS))
+                for d in ds]
+
+        p = dataclasses.replace(full, w_decisions=measured(full.w_decisions),
+                                a_decisions=measured(full.a_decisions))
+        lo = fill_floor(p, job.budget.bops, job.settings.fill)
+        cfg = {c: repair(p, *values(table, p, c), job.budget.bops, lo=lo).assignment
+               for c in ("none", "monotone")}
+        pinned = job.fp_prep.resolved.pinned
+        out.append({
+            "budget": budget, "decisions": len(p.decisions),
+            "widths_not_in_table": sorted({c for d in full.decisions for c in d.choices}
+                                          - {c for d in p.decisions for c in d.choices}),
+            "differ": sum(x != y for x, y in zip(cfg["none"].w + cfg["none"].a,
+                                                 cfg["monotone"].w + cfg["monotone"].a)),
+            **{c: {"mean_wa": mean_wa(p.bops(a), job.fp_prep.cost, pinned),
+                   "predicted_raw": predicted_delta(table, p, a),
+                   "predicted_monotone": predicted_delta(table, p, a, "monotone")}
+               for c, a in cfg.items()}})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -508,6 +574,13 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("results", type=Path)
     q.add_argument("table", type=Path)
     q.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("cleaned", help="per budget, the sensitivity method's config from a"
+                       " table read raw and read monotone (its default)")
+    c.add_argument("--space", required=True)
+    c.add_argument("--table", required=True, type=Path, help="a sensitivity.json, or a"
+                   " benchmarks/pretrained.py results file (its 'sensitivity' entry)")
+    c.add_argument("--budgets", required=True, help="comma-separated, e.g. wa9,w8a8")
+    c.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         cfg = dict(PRESETS[args.preset])
@@ -526,6 +599,21 @@ def main(argv: list[str] | None = None) -> None:
                   f"  {o['metric']:.4f}")
         print(f"Spearman over {len(pr['configs'])} configs: {pr['spearman']:+.3f}"
               f" (p = {pr['spearman_p']:.2g})")
+    elif args.cmd == "cleaned":
+        from coqat.bitsearch.sensitivity import Sensitivity
+        doc = read_json(args.table)
+        table = Sensitivity.from_dict(doc.get("sensitivity", doc), str(args.table))
+        negative = sum(v < 0 for r in table.decisions for v in r.delta)
+        print(f"{args.table}: {negative} of {sum(len(r.delta) for r in table.decisions)}"
+              f" cells read below zero (noise per cell {table.noise() or 0:.2g})")
+        for o in cleaned(args.space, table, args.budgets.split(","), args.device):
+            lack = (f"; widths not in the table, left out: {o['widths_not_in_table']}"
+                    if o["widths_not_in_table"] else "")
+            print(f"{o['budget']}: {o['differ']} of {o['decisions']} decisions differ{lack}")
+            for k in ("none", "monotone"):
+                print(f"  rows {k:8}  mean w*a {o[k]['mean_wa']:.2f}  predicted"
+                      f" {o[k]['predicted_raw']:+.4f} raw, {o[k]['predicted_monotone']:+.4f}"
+                      " monotone")
     else:
         res = read_json(args.results)
         res.pop("analysis", None)

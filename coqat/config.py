@@ -59,6 +59,8 @@ BRANCH_FREE_SETTINGS: tuple[str, ...] = ("optimizer", "cage_lambda", "cage_pull"
 #: how a sensitivity table is obtained ([search] sensitivity_estimate, --estimate): measured
 #: loss changes, or their second-order Fisher estimate (coqat.bitsearch.sensitivity)
 SENSITIVITY_ESTIMATES: tuple[str, ...] = ("measured", "fisher")
+#: how --method sensitivity reads its table before the knapsack (SearchSettings.sensitivity_clean)
+SENSITIVITY_CLEAN: tuple[str, ...] = ("monotone", "none")
 
 #: --compile auto | on | off as TrainSettings.compile
 COMPILE_FLAGS: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
@@ -328,6 +330,8 @@ class SearchSettings:
         trace_every = 5           # per-decision probabilities in the trace every N arch steps
         proxy_batches = 2         # Optuna/random proxy: holdout batches per evaluated config
         sensitivity_estimate = "measured"  # --method sensitivity: measured | fisher table
+        sensitivity_clean = "monotone"     # each row made >= 0 and non-increasing in bits
+                                           # before the knapsack ("none": the raw table)
         optuna_trials = 0         # cap on Optuna trials (0: no cap, only the time limit)
         optuna_seconds = 0.0      # Optuna's wall-clock (0: the Gumbel search's, measured)
         compile_arch = false      # with --compile on, compile the architecture step too (its
@@ -354,6 +358,7 @@ class SearchSettings:
     trace_every: int = 5
     proxy_batches: int = 2
     sensitivity_estimate: str = "measured"
+    sensitivity_clean: str = "monotone"
     optuna_trials: int = 0
     optuna_seconds: float = 0.0
     compile_arch: bool = False
@@ -369,6 +374,9 @@ class SearchSettings:
         need(self.sensitivity_estimate in SENSITIVITY_ESTIMATES,
              f"sensitivity_estimate must be 'measured' or 'fisher' (got"
              f" {self.sensitivity_estimate!r})")
+        need(self.sensitivity_clean in SENSITIVITY_CLEAN,
+             f"sensitivity_clean must be {' or '.join(repr(c) for c in SENSITIVITY_CLEAN)} (got"
+             f" {self.sensitivity_clean!r})")
         need(isinstance(self.compile_arch, bool),
              f"compile_arch must be true or false (got {self.compile_arch!r})")
         for name in ("arch_every", "trace_every", "proxy_batches"):

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import math
+import random
 import threading
 import time
 from pathlib import Path
@@ -22,8 +23,10 @@ from coqat.bitconfig import FLOAT_BITS, BitConfig, LayerBits
 from coqat.bitsearch import run_search
 from coqat.bitsearch.pipeline import load_or_train_fp
 from coqat.bitsearch.problem import Assignment
+from coqat.bitsearch.baselines import fill_floor
+from coqat.bitsearch.knapsack import repair
 from coqat.bitsearch.sensitivity import (FILE, Sensitivity, cache_name, estimate, fp_job,
-                                         measure, predicted_delta, values)
+                                         measure, monotone_row, predicted_delta, values)
 from coqat.errors import CoqatError
 from coqat.quant import QuantConv2d, QuantLinear, quantize_model
 from coqat.reporting import sensitivity as view
@@ -200,11 +203,55 @@ def test_method_meets_the_budget_in_the_fill_window_and_is_deterministic(digits)
     summary = run.read_json("search/search.json")["sensitivity"]
     assert summary["predicted_delta_loss"] == pytest.approx(loss_change(asg))
     assert predicted_delta(table, p, asg) == pytest.approx(loss_change(asg))
+    assert summary["clean"] == "monotone"
+    assert summary["predicted_delta_loss_clean"] == pytest.approx(
+        predicted_delta(table, p, asg, "monotone"))
     # the uniform config fills the budget exactly, so the knapsack saw it: the choice is
-    # predicted to lose no more than it (and less, unless uniform is the best there is)
-    assert loss_change(asg) <= loss_change(p.uniform(4, 4)) + 1e-12
+    # predicted (from the rows it optimised, made monotone) to lose no more than it
+    assert predicted_delta(table, p, asg, "monotone") <= \
+        predicted_delta(table, p, p.uniform(4, 4), "monotone") + 1e-12
     wv, av = values(table, p)
     assert wv[0] == [-rows[p.w_decisions[0].name].at(b) for b in p.w_decisions[0].choices]
+
+
+def test_monotone_row_is_the_isotonic_fit_clipped_at_zero():
+    from scipy.optimize import isotonic_regression   # the independent reference
+    # widest first: 8 bits reads -0.002 (noise: clipped), 3 bits reads below 4 bits (pooled)
+    assert monotone_row([2, 3, 4, 8], [0.5, 0.01, 0.03, -0.002]) == \
+        pytest.approx([0.5, 0.02, 0.02, 0.0])
+    assert monotone_row([8, 2, 4, 3], [-0.002, 0.5, 0.03, 0.01]) == \
+        pytest.approx([0.0, 0.5, 0.02, 0.02])          # any order in, same order out
+    assert monotone_row([2, 3, 4], [0.1, math.inf, 0.05]) == [math.inf, math.inf, 0.05]
+    assert monotone_row([2, 4, 8], [0.3, 0.1, 0.0]) == [0.3, 0.1, 0.0]  # already clean
+    rng = random.Random(0)
+    for _ in range(300):
+        bits = rng.sample([2, 3, 4, 6, 8, FLOAT_BITS], rng.randint(1, 6))
+        delta = [rng.gauss(0.1, 0.3) for _ in bits]
+        got = monotone_row(bits, delta)
+        up = sorted(range(len(bits)), key=lambda i: bits[i])
+        ref = isotonic_regression([delta[i] for i in up], increasing=False).x
+        assert [got[i] for i in up] == pytest.approx([max(0.0, v) for v in ref], abs=1e-12)
+
+
+def test_a_budget_that_fits_every_widest_choice_gets_it_from_cleaned_rows(digits):
+    """The control of issue #16: where every decision's widest choice fits, a raw table
+    with one noise cell below zero makes the knapsack drop bits for nothing; read through
+    monotone_row it returns the widest config itself."""
+    job, _ = digits
+    p = job.problem
+    table = _table(job, batches=2)
+    i = min(range(len(p.w_decisions)), key=lambda k: p.macs[p.w_decisions[k].layers[0]])
+    row = next(r for r in table.decisions if r.name == p.w_decisions[i].name)
+    row.delta[0] = -0.01                    # the cheapest weight's narrowest width: a "gain"
+    widest = p.extreme(max)
+    budget = p.bops(widest)
+    lo = fill_floor(p, budget, 0.9)         # room for that drop (fc is 10% of the MACs)
+    raw = repair(p, *values(table, p), budget, lo=lo).assignment
+    clean = repair(p, *values(table, p, "monotone"), budget, lo=lo).assignment
+    assert clean == widest
+    assert raw != widest and raw.w[i] == row.widths[0]
+    with pytest.raises(CoqatError, match="clean must be"):
+        values(table, p, "isotonic")
 
 
 def test_method_with_the_fisher_estimate_meets_the_budget_and_caches_apart(digits):

@@ -182,6 +182,8 @@ class SensitivityMethod:
     FP-phase weights (``coqat.bitsearch.sensitivity``), take minus that as the value of the
     choice, and let the exact knapsack pick the config of least predicted loss change in the
     budget's fill window. No training, no randomness: the same FP phase gives the same config.
+    Each row is first made non-negative and non-increasing in bits (``[search]
+    sensitivity_clean``, default "monotone"; see ``sensitivity.monotone_row``).
 
     The table is measured on ``[search] proxy_batches`` holdout batches of the eval batch
     size (the batches Optuna's proxy also uses) and written to ``search/sensitivity.json``;
@@ -220,21 +222,26 @@ class SensitivityMethod:
                     table.save(cached)
         if ctx.run is not None:
             table.save(ctx.run.file(f"search/{sensitivity.FILE}"))
-        wv, av = sensitivity.values(table, p)
+        wv, av = sensitivity.values(table, p, s.sensitivity_clean)
         # the best config without a budget: where the budget's pull starts from
         free = Assignment(tuple(d.choices[v.index(max(v))] for d, v in zip(p.w_decisions, wv)),
                           tuple(d.choices[v.index(max(v))] for d, v in zip(p.a_decisions, av)))
         budget = job.budget.bops
         fixed = repair(p, wv, av, budget, lo=fill_floor(p, budget, s.fill))
+        # what the raw table predicts for the config, and what the knapsack optimised
         predicted = sensitivity.predicted_delta(table, p, fixed.assignment)
+        optimised = sensitivity.predicted_delta(table, p, fixed.assignment, s.sensitivity_clean)
         ctx.say(f"sensitivity done: {table.forward_passes} forward passes in {table.wall_s:.1f}"
-                f" s; predicted loss change {predicted:+.4f} (float loss"
-                f" {table.baseline_loss:.4f}, noise per cell {table.noise() or 0:.2g})")
+                f" s; predicted loss change {predicted:+.4f} raw, {optimised:+.4f} read"
+                f" {s.sensitivity_clean} (float loss {table.baseline_loss:.4f}, noise per cell"
+                f" {table.noise() or 0:.2g})")
         return Choice(fixed.assignment, {
             "search_phase_wall_s": table.wall_s,
             "repair": repair_info(p, free, fixed, None),
             "sensitivity": {"file": f"search/{sensitivity.FILE}",
                             "predicted_delta_loss": predicted,
+                            "clean": s.sensitivity_clean,
+                            "predicted_delta_loss_clean": optimised,
                             "baseline_loss": table.baseline_loss, "noise": table.noise(),
                             "batches": table.batches, "batch_size": table.batch_size,
                             "forward_passes": table.forward_passes}})
