@@ -509,37 +509,38 @@ def cleaned(space: str, table: Any, budgets: list[str], device: str = "cpu"
     from coqat.bitsearch.pipeline import plan_search
     from coqat.bitsearch.sensitivity import predicted_delta, values
     from coqat.config import RunConfig
+    from coqat.cost import Budget
     from coqat.cost.budget import mean_wa
 
     rows = {r.name: r for r in table.decisions}
+    job = plan_search(RunConfig.from_options(space, device=device, progress=False),
+                      budgets[0], "sensitivity")          # the model, built once
+    full, cost, pinned = job.problem, job.fp_prep.cost, job.fp_prep.resolved.pinned
+    missing = [d.name for d in full.decisions if d.name not in rows]
+    if missing:
+        raise SystemExit(f"the table lacks {len(missing)} decision(s) of {space}, e.g."
+                         f" {missing[0]}: it was measured on another model")
+
+    def measured(ds):
+        return [dataclasses.replace(d, choices=tuple(
+            c for c in d.choices if c in rows[d.name].widths or c == FLOAT_BITS)) for d in ds]
+
+    p = dataclasses.replace(full, w_decisions=measured(full.w_decisions),
+                            a_decisions=measured(full.a_decisions))
     out = []
     for budget in budgets:
-        job = plan_search(RunConfig.from_options(space, device=device, progress=False),
-                          budget, "sensitivity")
-        full = job.problem
-        missing = [d.name for d in full.decisions if d.name not in rows]
-        if missing:
-            raise SystemExit(f"the table lacks {len(missing)} decision(s) of {space}, e.g."
-                             f" {missing[0]}: it was measured on another model")
-
-        def measured(ds):
-            return [dataclasses.replace(d, choices=tuple(
-                c for c in d.choices if c in rows[d.name].widths or c == FLOAT_BITS))
-                for d in ds]
-
-        p = dataclasses.replace(full, w_decisions=measured(full.w_decisions),
-                                a_decisions=measured(full.a_decisions))
-        lo = fill_floor(p, job.budget.bops, job.settings.fill)
-        cfg = {c: repair(p, *values(table, p, c), job.budget.bops, lo=lo).assignment
+        bops = Budget.parse(budget, cost, pinned).bops
+        full.check_budget(bops, budget)
+        lo = fill_floor(p, bops, job.settings.fill)
+        cfg = {c: repair(p, *values(table, p, c), bops, lo=lo).assignment
                for c in ("none", "monotone")}
-        pinned = job.fp_prep.resolved.pinned
         out.append({
             "budget": budget, "decisions": len(p.decisions),
             "widths_not_in_table": sorted({c for d in full.decisions for c in d.choices}
                                           - {c for d in p.decisions for c in d.choices}),
             "differ": sum(x != y for x, y in zip(cfg["none"].w + cfg["none"].a,
                                                  cfg["monotone"].w + cfg["monotone"].a)),
-            **{c: {"mean_wa": mean_wa(p.bops(a), job.fp_prep.cost, pinned),
+            **{c: {"mean_wa": mean_wa(p.bops(a), cost, pinned),
                    "predicted_raw": predicted_delta(table, p, a),
                    "predicted_monotone": predicted_delta(table, p, a, "monotone")}
                for c, a in cfg.items()}})

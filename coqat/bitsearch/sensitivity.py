@@ -60,8 +60,8 @@ from coqat.util import atomic_write_text, read_json
 from coqat.workloads.base import Workload, batch_items, to_device
 
 __all__ = ["SCHEMA", "ESTIMATES", "FILE", "DecisionSensitivity", "Sensitivity", "measure",
-           "estimate", "table", "check_widths", "fp_job", "monotone_row", "values", "predicted_delta",
-           "cache_name"]
+           "estimate", "table", "check_widths", "fp_job", "monotone_row", "values",
+           "predicted_delta", "cache_name"]
 
 SCHEMA = "coqat.sensitivity/v1"
 ESTIMATES = SENSITIVITY_ESTIMATES
