@@ -494,8 +494,8 @@ def predicted(results: dict[str, Any], table: Any, seed: int) -> dict[str, Any]:
             "spearman_p": float(rho.pvalue)}
 
 
-def cleaned(space: str, table: Any, budgets: list[str], device: str = "cpu"
-            ) -> list[dict[str, Any]]:
+def cleaned(space: str, table: Any, budgets: list[str], device: str = "cpu",
+            data_dir: str | None = None) -> list[dict[str, Any]]:
     """Per budget, the sensitivity method's config from ``table`` with its rows read raw and
     read monotone (``coqat.bitsearch.sensitivity.monotone_row``, the method's default), on
     the space's decisions restricted to the widths the table measured (a table from the
@@ -511,10 +511,15 @@ def cleaned(space: str, table: Any, budgets: list[str], device: str = "cpu"
     from coqat.config import RunConfig
     from coqat.cost import Budget
     from coqat.cost.budget import mean_wa
+    from coqat.errors import CoqatError
 
     rows = {r.name: r for r in table.decisions}
-    job = plan_search(RunConfig.from_options(space, device=device, progress=False),
-                      budgets[0], "sensitivity")          # the model, built once
+    opts = {"data_dir": data_dir} if data_dir else {}
+    try:                                                  # the model, built once
+        job = plan_search(RunConfig.from_options(space, device=device, progress=False,
+                                                 **opts), budgets[0], "sensitivity")
+    except CoqatError as e:
+        raise SystemExit(f"error: {e}") from None
     full, cost, pinned = job.problem, job.fp_prep.cost, job.fp_prep.resolved.pinned
     missing = [d.name for d in full.decisions if d.name not in rows]
     if missing:
@@ -529,8 +534,11 @@ def cleaned(space: str, table: Any, budgets: list[str], device: str = "cpu"
                             a_decisions=measured(full.a_decisions))
     out = []
     for budget in budgets:
-        bops = Budget.parse(budget, cost, pinned).bops
-        full.check_budget(bops, budget)
+        try:
+            bops = Budget.parse(budget, cost, pinned).bops
+            full.check_budget(bops, budget)
+        except CoqatError as e:
+            raise SystemExit(f"error: {e}") from None
         lo = fill_floor(p, bops, job.settings.fill)
         cfg = {c: repair(p, *values(table, p, c), bops, lo=lo).assignment
                for c in ("none", "monotone")}
@@ -582,6 +590,7 @@ def main(argv: list[str] | None = None) -> None:
                    " benchmarks/pretrained.py results file (its 'sensitivity' entry)")
     c.add_argument("--budgets", required=True, help="comma-separated, e.g. wa9,w8a8")
     c.add_argument("--device", default="cpu")
+    c.add_argument("--data-dir", default=None, help="the workload's data (Fashion-MNIST)")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         cfg = dict(PRESETS[args.preset])
@@ -607,7 +616,8 @@ def main(argv: list[str] | None = None) -> None:
         negative = sum(v < 0 for r in table.decisions for v in r.delta)
         print(f"{args.table}: {negative} of {sum(len(r.delta) for r in table.decisions)}"
               f" cells read below zero (noise per cell {table.noise() or 0:.2g})")
-        for o in cleaned(args.space, table, args.budgets.split(","), args.device):
+        for o in cleaned(args.space, table, args.budgets.split(","), args.device,
+                         args.data_dir):
             lack = (f"; widths not in the table, left out: {o['widths_not_in_table']}"
                     if o["widths_not_in_table"] else "")
             print(f"{o['budget']}: {o['differ']} of {o['decisions']} decisions differ{lack}")
