@@ -431,6 +431,17 @@ def test_search_settings_reject_unknown_and_bad_keys():
     space.search = {"relax": "gumbel"}
     with pytest.raises(CoqatError, match="relax must be soft or hard"):
         parse_search_settings(space)
+    space.search = {"sensitivity_clean": "isotonic"}
+    with pytest.raises(CoqatError, match="sensitivity_clean must be 'monotone' or 'none'"):
+        parse_search_settings(space)
+    space.search = {"compile_arch": "yes"}
+    with pytest.raises(CoqatError, match="compile_arch must be true or false"):
+        parse_search_settings(space)
+    space.search = {"sensitivity_clean": "none", "compile_arch": True}
+    s = parse_search_settings(space)
+    assert (s.sensitivity_clean, s.compile_arch) == ("none", True)
+    assert (SearchSettings().sensitivity_clean, SearchSettings().compile_arch) == \
+        ("monotone", False)
 
 
 def test_pipeline_writes_a_search_run_and_reuses_the_fp_phase(runs):
