@@ -504,10 +504,8 @@ def cleaned(space: str, table: Any, budgets: list[str], device: str = "cpu",
     import dataclasses
 
     from coqat.bitconfig import FLOAT_BITS
-    from coqat.bitsearch.baselines import fill_floor
-    from coqat.bitsearch.knapsack import repair
     from coqat.bitsearch.pipeline import plan_search
-    from coqat.bitsearch.sensitivity import predicted_delta, values
+    from coqat.bitsearch.sensitivity import knapsack, predicted_delta
     from coqat.config import RunConfig
     from coqat.cost import Budget
     from coqat.cost.budget import mean_wa
@@ -539,8 +537,7 @@ def cleaned(space: str, table: Any, budgets: list[str], device: str = "cpu",
             full.check_budget(bops, budget)
         except CoqatError as e:
             raise SystemExit(f"error: {e}") from None
-        lo = fill_floor(p, bops, job.settings.fill)
-        cfg = {c: repair(p, *values(table, p, c), bops, lo=lo).assignment
+        cfg = {c: knapsack(table, p, bops, job.settings.fill, c).assignment
                for c in ("none", "monotone")}
         out.append({
             "budget": budget, "decisions": len(p.decisions),

@@ -27,10 +27,8 @@ from coqat.errors import CoqatError
 from coqat.optim.schedules import Schedule
 from coqat.bitsearch.baselines import (optuna_search, proxy_loss_fn, random_assignment,
                                     repair_towards, uniform_at_budget)
-from coqat.bitsearch.baselines import fill_floor
 from coqat.bitsearch.gumbel import GumbelSearch, GumbelSearchHooks, derive
 from coqat.bitsearch.job import Choice, SearchContext, SearchJob
-from coqat.bitsearch.knapsack import repair
 from coqat.bitsearch.problem import Assignment, SearchProblem
 from coqat.bitsearch.relax import set_assignment, to_search_model
 from coqat.bitsearch import sensitivity
@@ -226,8 +224,7 @@ class SensitivityMethod:
         # the best config without a budget: where the budget's pull starts from
         free = Assignment(tuple(d.choices[v.index(max(v))] for d, v in zip(p.w_decisions, wv)),
                           tuple(d.choices[v.index(max(v))] for d, v in zip(p.a_decisions, av)))
-        budget = job.budget.bops
-        fixed = repair(p, wv, av, budget, lo=fill_floor(p, budget, s.fill))
+        fixed = sensitivity.knapsack(table, p, job.budget.bops, s.fill, s.sensitivity_clean)
         # what the raw table predicts for the config, and what the knapsack optimised
         predicted = sensitivity.predicted_delta(table, p, fixed.assignment)
         optimised = sensitivity.predicted_delta(table, p, fixed.assignment, s.sensitivity_clean)

@@ -51,7 +51,8 @@ from coqat.config import SENSITIVITY_CLEAN, SENSITIVITY_ESTIMATES, RunConfig
 from coqat.cost import Budget
 from coqat.errors import CoqatError
 from coqat.bitsearch.job import SearchJob
-from coqat.bitsearch.knapsack import total_value
+from coqat.bitsearch.baselines import fill_floor
+from coqat.bitsearch.knapsack import RepairResult, repair, total_value
 from coqat.bitsearch.problem import Assignment, Decision, SearchProblem
 from coqat.bitsearch.relax import set_assignment, to_search_model
 from coqat.training import runner
@@ -61,7 +62,7 @@ from coqat.workloads.base import Workload, batch_items, to_device
 
 __all__ = ["SCHEMA", "ESTIMATES", "FILE", "DecisionSensitivity", "Sensitivity", "measure",
            "estimate", "table", "check_widths", "fp_job", "monotone_row", "values",
-           "predicted_delta", "cache_name"]
+           "knapsack", "predicted_delta", "cache_name"]
 
 SCHEMA = "coqat.sensitivity/v1"
 ESTIMATES = SENSITIVITY_ESTIMATES
@@ -433,25 +434,18 @@ def monotone_row(bits: Sequence[int], delta: Sequence[float]) -> list[float]:
     gets exactly that config (the knapsack breaks ties towards the dearer config).
     """
     order = sorted(range(len(bits)), key=lambda i: -bits[i])   # widest first
-    blocks: list[list[float]] = []                              # [sum, count] per pooled block
+    blocks: list[tuple[float, int]] = []                        # (sum, count) per pooled block
     for i in order:
-        blocks.append([float(delta[i]), 1.0])
+        blocks.append((float(delta[i]), 1))
         # widest first, the changes must not decrease: pool a block that falls below the last
-        while len(blocks) > 1 and _mean(blocks[-1]) < _mean(blocks[-2]):
-            tot, n = blocks.pop()
-            blocks[-1][0] += tot
-            blocks[-1][1] += n
-    fitted: list[float] = []
-    for tot, n in blocks:
-        fitted += [max(0.0, _mean([tot, n]))] * int(n)
+        while len(blocks) > 1 and blocks[-1][0] / blocks[-1][1] < blocks[-2][0] / blocks[-2][1]:
+            (t2, n2), (t1, n1) = blocks.pop(), blocks.pop()
+            blocks.append((t1 + t2, n1 + n2))
+    fitted = [max(0.0, t / n) for t, n in blocks for _ in range(n)]
     out = [0.0] * len(bits)
     for i, v in zip(order, fitted):
         out[i] = v
     return out
-
-
-def _mean(block: Sequence[float]) -> float:
-    return block[0] / block[1]
 
 
 def values(table: Sensitivity, problem: SearchProblem, clean: str = "none"
@@ -478,6 +472,15 @@ def values(table: Sensitivity, problem: SearchProblem, clean: str = "none"
 
     return ([row_values(d) for d in problem.w_decisions],
             [row_values(d) for d in problem.a_decisions])
+
+
+def knapsack(table: Sensitivity, problem: SearchProblem, budget: int, fill: float,
+             clean: str = "monotone") -> RepairResult:
+    """What ``--method sensitivity`` picks from ``table``: the config of least predicted loss
+    change (rows read per ``clean``) with ``fill * budget <= BOPs <= budget`` on the
+    searchable part (``fill_floor``), found by the exact knapsack ``repair``."""
+    return repair(problem, *values(table, problem, clean), budget,
+                  lo=fill_floor(problem, budget, fill))
 
 
 def predicted_delta(table: Sensitivity, problem: SearchProblem, asg: Assignment,
