@@ -106,6 +106,17 @@ PRIMARY = "sensitivity"
 def mixed_arms(cfg: dict[str, Any]) -> tuple[str, ...]:
     return tuple(cfg.get("mixed", MIXED))
 
+
+def primary_arm(cfg: dict[str, Any]) -> str:
+    """The arm the preset's primary hypothesis is about (``sensitivity`` unless it says)."""
+    return cfg.get("primary", PRIMARY)
+
+
+def seed_range(cfg: dict[str, Any]) -> range:
+    """The preset's seeds: ``seeds`` of them from ``first_seed`` (0 unless it says)."""
+    first = cfg.get("first_seed", 0)
+    return range(first, first + cfg["seeds"])
+
 PRESETS: dict[str, dict[str, Any]] = {
     # One H200: MiniLM topics at the space's 150 steps; 8 seeds; runs in parallel processes
     # (the model is small: one run leaves the GPU mostly idle). Sensitivity on 8 holdout
@@ -138,6 +149,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "deadline": None, "target": "onnx",
                     "options": {"steps": 200, "fp_steps": 200, "search_steps": 100},
                     "mixed": ["sensitivity", "gumbel", "sensitivity-monotone"]},
+    # The replication of cpu-lm-tiny's Gumbel result on fresh seeds (PROTOCOL.md, written
+    # before its runs): the same settings, the Gumbel arm alone and primary, seeds 8-23.
+    "cpu-lm-tiny-rep": {"space": "lm-tiny", "budgets": ["wa9", "w4a4"], "seeds": 16,
+                        "first_seed": 8, "device": "cpu", "compile": "off", "workers": 2,
+                        "threads": 1, "deadline": None, "target": "onnx",
+                        "options": {"steps": 200, "fp_steps": 200, "search_steps": 100},
+                        "mixed": ["gumbel"], "primary": "gumbel"},
     # toy size on the CPU: every arm of 2 seeds at 3 steps
     "smoke": {"space": "minilm-topics", "budgets": ["wa9", "w4a4"], "seeds": 2,
               "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
@@ -179,7 +197,7 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, int, LocalJob]]:
     opts = {"device": cfg["device"], "compile": COMPILE_FLAGS[cfg["compile"]],
             **cfg.get("options", {})}
     out = []
-    for seed in range(cfg["seeds"]):
+    for seed in seed_range(cfg):
         o = {**opts, "seed": seed}
         for budget in cfg["budgets"]:
             for m in mixed_arms(cfg):
@@ -323,21 +341,24 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
     if findings.exists():
         lines += [findings.read_text().rstrip(), ""]
     m = results.get("machine", {})
-    lines += [f"Space `{cfg['space']}`, {cfg['seeds']} seeds planned, device {cfg['device']}"
+    seeds = seed_range(cfg)
+    lines += [f"Space `{cfg['space']}`, {cfg['seeds']} seeds planned"
+              f"{f' ({seeds[0]}-{seeds[-1]})' if seeds[0] else ''}, device {cfg['device']}"
               f" ({m.get('gpu') or m.get('cpu', '?')}); torch {m.get('torch', '?')}; commit"
               f" {str(m.get('git_commit') or '?')[:10]}. Command: `{results.get('command', '?')}`"
               f"; wall {fmt(results.get('wall_s'), '.0f')} s over the calls.", ""]
-    low = {b: e["comparisons"][PRIMARY]["vs_best_uniform"]["p_t"] for b, e in an.items()
-           if budget_mean(b) <= 9 and PRIMARY in e.get("comparisons", {})}
+    primary = primary_arm(cfg)
+    low = {b: e["comparisons"][primary]["vs_best_uniform"]["p_t"] for b, e in an.items()
+           if budget_mean(b) <= 9 and primary in e.get("comparisons", {})}
     if low:
         adj = holm(low)
         verdict = ("shown" if any(p is not None and p < 0.05 for p in adj.values())
                    else "not shown")
-        n_done = min(len(an[b]["comparisons"][PRIMARY]["seeds"]) for b in low)
+        n_done = min(len(an[b]["comparisons"][primary]["seeds"]) for b in low)
         if n_done < cfg["seeds"] and verdict == "shown":   # the protocol tests at all seeds
             verdict = (f"p < 0.05 on {n_done} of the {cfg['seeds']} planned seeds; not yet"
                        " the protocol's test")
-        lines += [f"**Primary hypothesis** ({PRIMARY} beats the best uniform at a budget with "
+        lines += [f"**Primary hypothesis** ({primary} beats the best uniform at a budget with "
                   "mean w*a <= 9, Holm over those budgets): " + "; ".join(
                       f"`{b}` p = {fmt(low[b], '.3g')}, Holm {fmt(adj[b], '.3g')}" for b in low)
                   + f": **{verdict}**.", ""]
@@ -378,7 +399,7 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
                 for what, d in (("best uniform " + e["best_uniform"], c["vs_best_uniform"]),
                                 ("per-seed best uniform", c["vs_per_seed_best_uniform"])):
                     holm_p = e["holm"].get(arm) if what.startswith("best") else None
-                    lines.append(f"| {arm}{' (primary)' if arm == PRIMARY else ''} | {what} | "
+                    lines.append(f"| {arm}{' (primary)' if arm == primary else ''} | {what} | "
                                  f"{d['n']} | {fmt(d['mean'], '+.4f')} | {fmt(d['se'])} | "
                                  f"{d['wins']}/{d['ties']}/{d['losses']} | {fmt(d['p_t'], '.3g')}"
                                  f" | {fmt(holm_p, '.3g')} | {fmt(d['p_wilcoxon'], '.3g')} |")
