@@ -141,19 +141,27 @@ def test_a_call_can_run_a_subset_and_the_report_names_what_is_owed(mvu):
 
 
 def test_the_primary_verdict_waits_for_every_planned_seed(mvu):
-    """The committed SmolLM2 part (fewer than 8 seeds complete): p < 0.05 there is reported
-    as such, not as the protocol's verdict; with the plan cut to those seeds it is 'shown'."""
-    res = json.loads((ROOT / "reports/mixed_vs_uniform/smollm2/results.json").read_text())
-    res.pop("analysis", None)
-    arms = {(r["arm"], r["seed"]) for r in res["rows"] if r["budget"] == "wa9"}
-    complete = [s for s in range(8) if {("sensitivity", s), ("w2a4", s)} <= arms]
-    assert 2 <= len(complete) < 8 and complete == list(range(len(complete)))
-    page = mvu.readme(res, ROOT / "reports/mixed_vs_uniform/smollm2")
-    assert (f"on {len(complete)} of the 8 planned seeds; not yet the protocol's test"
-            in page)
+    """A preset's primary arm and seed range (here the replication's: gumbel, seeds from 8):
+    p < 0.05 on fewer seeds than planned is reported as such, not as the protocol's verdict;
+    with all planned seeds in, it is 'shown'. Lower is better (a loss)."""
+    cfg = {"space": LM_MICRO, "budgets": ["wa9"], "seeds": 6, "first_seed": 8,
+           "device": "cpu", "compile": "off", "mixed": ["gumbel"], "primary": "gumbel"}
+    assert [seed for *_, seed, _ in mvu.plan(cfg)][::2] == list(range(8, 14))
+    loss = {"w2a4": [2.10, 2.12, 2.11, 2.13], "gumbel": [2.09, 2.10, 2.10, 2.11]}
+    rows = [{"arm": arm, "budget": "wa9", "seed": 8 + i, "metric": v,
+             "metric_name": "val_loss", "higher_is_better": False, "bops": 100 + 9 * 10,
+             "budget_bops": 190, "fixed_bops": 100, "assignment": None, "fp_metric": 2.0}
+            for arm, vals in loss.items() for i, v in enumerate(vals)]
+    res = {"preset": cfg, "rows": rows}
+    page = mvu.readme(res, ROOT / "reports")
+    assert "6 seeds planned (8-13)" in page
+    assert "**Primary hypothesis** (gumbel beats" in page and "| gumbel (primary) |" in page
+    assert "on 4 of the 6 planned seeds; not yet the protocol's test" in page
     assert "**shown**" not in page
-    cut = {**res, "preset": {**res["preset"], "seeds": len(complete)}}
-    assert "**shown**" in mvu.readme(cut, ROOT / "reports/mixed_vs_uniform/smollm2")
+    assert "**shown**" in mvu.readme({**res, "preset": {**cfg, "seeds": 4}}, ROOT / "reports")
+    worse = [{**r, "metric": r["metric"] + 0.05} if r["arm"] == "gumbel" else r for r in rows]
+    assert "**not shown**" in mvu.readme({"preset": {**cfg, "seeds": 4}, "rows": worse},
+                                         ROOT / "reports")
 
 
 def test_predicted_sums_the_table_over_each_config_and_ranks_them(mvu):
