@@ -30,11 +30,13 @@ DEMO_STEPS = 200   # per phase: FP phase, final QAT (the search runs half of it)
 #: relative cost of one step of each phase (a search step ~ 1.4 QAT steps, measured in
 #: reports/search_vs_uniform; an FP step ~ 0.8)
 _PHASE_COST = {"fp": 0.8, "search": 1.4, "qat": 1.0}
-#: the committed 8-seed paired grid at the demo's own setting (benchmarks/mixed_vs_uniform.py
-#: --preset cpu-lm-tiny), for the paired figure printed beside the demo's single seed
-REFERENCE = Path("reports") / "mixed_vs_uniform" / "lm-tiny" / "results.json"
+#: the committed paired grids at the demo's own setting (benchmarks/mixed_vs_uniform.py
+#: --preset cpu-lm-tiny, seeds 0-7, and its replication cpu-lm-tiny-rep, seeds 8-23), for
+#: the paired figures printed beside the demo's single seed
+REFERENCES = tuple(Path("reports") / "mixed_vs_uniform" / name / "results.json"
+                   for name in ("lm-tiny", "lm-tiny-rep"))
 
-__all__ = ["run_demo", "DEMO_STEPS", "reference_figure"]
+__all__ = ["run_demo", "DEMO_STEPS", "reference_figure", "reference_figures"]
 
 
 class _Clock:
@@ -98,8 +100,7 @@ def run_demo(console, out: str = "runs", steps: int | None = None, budget: str =
     _print_table(console, results, budget, steps)
     report = build_report(root)
     say(noise_statement(report))
-    ref = reference_figure(budget, steps=steps, target=target)
-    if ref:
+    for ref in reference_figures(budget, steps=steps, target=target):
         say(ref)
     _, files = api.report(root)
     exported = api.export(results["gumbel"].run_dir, "json")
@@ -132,21 +133,28 @@ def _print_table(console, results: dict[str, RunRecord], budget: str, steps: int
     console.print(table)
 
 
-def reference_figure(budget: str, path: Path | None = None, steps: int = DEMO_STEPS,
+def reference_figures(budget: str, steps: int = DEMO_STEPS,
+                      target: str | None = "onnx") -> list[str]:
+    """The paired figure of every committed grid at the demo's setting that ran ``budget``
+    (``REFERENCES`` next to the package; none in an installed package without reports)."""
+    return [f for f in (reference_figure(budget, spaces_dir().parent / p, steps, target)
+                        for p in REFERENCES) if f]
+
+
+def reference_figure(budget: str, path: Path, steps: int = DEMO_STEPS,
                      target: str | None = "onnx") -> str | None:
-    """The committed 8-seed paired figure for the demo's search (gumbel) vs the best uniform
-    config at ``budget``, from the grid run at the demo's own setting
-    (``reports/mixed_vs_uniform/lm-tiny/results.json`` next to the package), as one
-    sentence; None when that file or that budget is not there (an installed package without
-    reports). A run at other steps or another target is told that the figure is not its own
-    setting."""
-    path = path or (spaces_dir().parent / REFERENCE)
+    """One committed grid's paired figure for the demo's search (gumbel) vs the best uniform
+    config at ``budget`` (``path``: a benchmarks/mixed_vs_uniform.py results.json), as one
+    sentence; None when that file or that budget is not there. A run at other steps or
+    another target is told that the figure is not its own setting."""
     try:
-        res = read_json(path, "the committed lm-tiny grid", "")
+        res = read_json(path, "a committed lm-tiny grid", "")
         preset, cell = res["preset"], res["analysis"][budget]
         d = cell["comparisons"]["gumbel"]["vs_best_uniform"]
         n, mean, se, p, wins = d["n"], d["mean"], d["se"], d["p_t"], d["wins"]
-        holm = cell["holm"].get("gumbel")
+        seeds = sorted(cell["comparisons"]["gumbel"]["seeds"])
+        n_mixed = len(preset.get("mixed", ()))
+        holm = cell["holm"].get("gumbel") if n_mixed > 1 else None
         name = next(r["metric_name"] for r in res["rows"])
         grid_steps = preset["options"]["steps"]
     except (CoqatError, KeyError, TypeError, StopIteration):    # unreadable or another shape
@@ -156,10 +164,11 @@ def reference_figure(budget: str, path: Path | None = None, steps: int = DEMO_ST
     same = steps == grid_steps and target == preset.get("target")
     setting = "this demo's setting" if same else \
         f"{grid_steps} steps a phase, target {preset.get('target')}, not this run's setting"
-    return (f"The committed paired grid ({REFERENCE.parent}, {n} seeds, {setting}) measured"
-            f" the searched config against the best uniform ({cell['best_uniform']}) at"
-            f" {budget}: its {name} better by {mean:+.4f} ± {se:.4f} (s.e.; < 0 = worse),"
+    where = Path(*path.parts[-4:-1]) if len(path.parts) >= 4 else path.parent
+    return (f"The committed paired grid {where} ({n} seeds, {seeds[0]}-{seeds[-1]}; {setting})"
+            f" measured the searched config against the best uniform ({cell['best_uniform']})"
+            f" at {budget}: its {name} better by {mean:+.4f} ± {se:.4f} (s.e.; < 0 = worse),"
             f" one-sided p = {p:.2g}"
-            + (f" (Holm over its two mixed arms {holm:.2g})" if holm is not None else "")
-            + f", better on {wins} of {n} seeds: that paired figure, not this single seed,"
-            " is the evidence.")
+            + (f" (Holm over its {n_mixed} mixed arms {holm:.2g})" if holm is not None else "")
+            + f", better on {wins} of {n} seeds: the paired figures, not this single seed,"
+            " are the evidence.")

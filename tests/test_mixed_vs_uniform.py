@@ -44,28 +44,37 @@ def test_uniform_arms_are_the_maximal_pairs_under_the_budget(mvu):
     assert sorted({j.bits for j in jobs if not j.is_search}) == ["w2a4", "w2a8", "w4a4"]
 
 
-def test_the_demo_quotes_the_grid_at_its_own_setting(tmp_path):
-    """The demo's paired figure is read from the committed lm-tiny grid: the gumbel arm vs
-    the best uniform at the demo's budget; another setting is said to be another."""
-    from coqat.demo import DEMO_STEPS, reference_figure
+def test_the_demo_quotes_the_grids_at_its_own_setting(tmp_path):
+    """The demo's paired figures are read from the committed lm-tiny grids: the gumbel arm
+    vs the best uniform at the demo's budget; another setting is said to be another; Holm
+    is quoted only where the grid tested several mixed arms."""
+    from coqat.demo import DEMO_STEPS, reference_figure, reference_figures
 
     rows = [{"metric_name": "val_loss"}]
     cmp = {"n": 8, "mean": 0.0123, "se": 0.0045, "p_t": 0.013, "wins": 7}
-    res = {"preset": {"options": {"steps": DEMO_STEPS}, "target": "onnx"}, "rows": rows,
+    res = {"preset": {"options": {"steps": DEMO_STEPS}, "target": "onnx",
+                      "mixed": ["sensitivity", "gumbel"]}, "rows": rows,
            "analysis": {"w4a4": {"best_uniform": "w4a4", "holm": {"gumbel": 0.026},
-                                 "comparisons": {"gumbel": {"vs_best_uniform": cmp}}}}}
+                                 "comparisons": {"gumbel": {"vs_best_uniform": cmp,
+                                                            "seeds": list(range(8))}}}}}
     path = tmp_path / "results.json"
     path.write_text(json.dumps(res))
     text = reference_figure("w4a4", path)
-    assert "val_loss better by +0.0123 ± 0.0045" in text and "p = 0.013" in text and "Holm" in text
+    assert "val_loss better by +0.0123 ± 0.0045" in text and "p = 0.013" in text
+    assert "(Holm over its 2 mixed arms 0.026)" in text and "(8 seeds, 0-7;" in text
     assert "7 of 8 seeds" in text and "this demo's setting" in text
     assert "not this run's setting" in reference_figure("w4a4", path, steps=DEMO_STEPS + 1)
     assert "not this run's setting" in reference_figure("w4a4", path, target=None)
     assert reference_figure("wa9", path) is None                  # a budget it did not run
+    res["preset"]["mixed"] = ["gumbel"]
+    path.write_text(json.dumps(res))
+    assert "Holm" not in reference_figure("w4a4", path)           # one arm: p is the test
     path.write_text("{not json")
     assert reference_figure("w4a4", path) is None                 # damaged: no figure
-    # the committed grid has the demo's default budget
-    assert "8 seeds" in reference_figure("w4a4")
+    # the committed grids: the first (seeds 0-7) and its replication (seeds 8-23)
+    first, rep = reference_figures("w4a4")
+    assert "reports/mixed_vs_uniform/lm-tiny (8 seeds, 0-7;" in first
+    assert "reports/mixed_vs_uniform/lm-tiny-rep (16 seeds, 8-23;" in rep
 
 
 def test_holm_adjusts_in_rank_order_and_keeps_missing_values(mvu):
