@@ -117,6 +117,7 @@ def seed_range(cfg: dict[str, Any]) -> range:
     first = cfg.get("first_seed", 0)
     return range(first, first + cfg["seeds"])
 
+
 PRESETS: dict[str, dict[str, Any]] = {
     # One H200: MiniLM topics at the space's 150 steps; 8 seeds; runs in parallel processes
     # (the model is small: one run leaves the GPU mostly idle). Sensitivity on 8 holdout
