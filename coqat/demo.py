@@ -137,16 +137,18 @@ def reference_figures(budget: str, steps: int = DEMO_STEPS,
                       target: str | None = "onnx") -> list[str]:
     """The paired figure of every committed grid at the demo's setting that ran ``budget``
     (``REFERENCES`` next to the package; none in an installed package without reports)."""
-    return [f for f in (reference_figure(budget, spaces_dir().parent / p, steps, target)
+    root = spaces_dir().parent
+    return [f for f in (reference_figure(budget, root / p, steps, target, label=p.parent)
                         for p in REFERENCES) if f]
 
 
 def reference_figure(budget: str, path: Path, steps: int = DEMO_STEPS,
-                     target: str | None = "onnx") -> str | None:
+                     target: str | None = "onnx", label: Path | None = None) -> str | None:
     """One committed grid's paired figure for the demo's search (gumbel) vs the best uniform
     config at ``budget`` (``path``: a benchmarks/mixed_vs_uniform.py results.json), as one
     sentence; None when that file or that budget is not there. A run at other steps or
-    another target is told that the figure is not its own setting."""
+    another target is told that the figure is not its own setting. ``label`` names the
+    grid in the sentence (default: the file's folder)."""
     try:
         res = read_json(path, "a committed lm-tiny grid", "")
         preset, cell = res["preset"], res["analysis"][budget]
@@ -164,8 +166,7 @@ def reference_figure(budget: str, path: Path, steps: int = DEMO_STEPS,
     same = steps == grid_steps and target == preset.get("target")
     setting = "this demo's setting" if same else \
         f"{grid_steps} steps a phase, target {preset.get('target')}, not this run's setting"
-    where = Path(*path.parts[-4:-1]) if len(path.parts) >= 4 else path.parent
-    return (f"The committed paired grid {where} ({n} seeds, {seeds[0]}-{seeds[-1]}; {setting})"
+    return (f"The committed paired grid {label or path.parent} ({n} seeds, {seeds[0]}-{seeds[-1]}; {setting})"
             f" measured the searched config against the best uniform ({cell['best_uniform']})"
             f" at {budget}: its {name} better by {mean:+.4f} ± {se:.4f} (s.e.; < 0 = worse),"
             f" one-sided p = {p:.2g}"
