@@ -6,7 +6,8 @@ holdout batch). Compiled, each kind is one graph, but its cold compile is paid o
 process: on lm-30m (one H100) the two graphs cost ~217 s of the 316 s search phase
 (reports/search_job_lm30m.json). This script times, on the space's model and batch sizes
 (random FP weights, same shapes), the steady-state step of each kind eagerly and compiled,
-and the first compiled call (the compile), so the break-even number of steps can be read off:
+and the first compiled call (the compile), so the break-even number of steps can be read off;
+then the architecture step as the search runs it by default (eager, its soft mixes compiled):
 
     python benchmarks/search_steps.py --space lm-30m --budget w3a3 --json reports/search_steps.json
     # CPU smoke (aot_eager: traces like Inductor, compiles nothing)
@@ -30,13 +31,14 @@ from common import command_line, machine_info, write_json  # noqa: E402
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
 
-def measure(space: str, budget: str, steps: int, backend: str,
-            say: Callable[[str], None] = print) -> dict[str, Any]:
+def measure(space: str, budget: str, steps: int, backend: str, compiled_arch: bool = True,
+            arch_only: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
     from coqat.bitsearch import GumbelSearch, to_search_model
     from coqat.bitsearch.methods import arch_step_count
     from coqat.bitsearch.pipeline import plan_search
+    from coqat.bitsearch.relax import fuse_soft_mixes
     from coqat.config import RunConfig
     from coqat.training.loop import autocast, build_optimizer
     from coqat.workloads.base import to_device
@@ -77,9 +79,13 @@ def measure(space: str, budget: str, steps: int, backend: str,
                            "batch": bs, "arch_batch": arch_bs, "arch_every": s.arch_every,
                            "search_steps": job.search_steps, "backend": backend,
                            "decisions": len(problem.w_decisions) + len(problem.a_decisions)}
-    for kind, step in (("weight", weight_step), ("arch", arch_step)):
+    kinds = (("weight", weight_step), ("arch", arch_step))
+    for kind, step in kinds[1:] if arch_only else kinds:
         timed(step, model, 2, 0)                                  # warm-up
         out[f"eager_{kind}_ms"] = 1e3 * timed(step, model, steps, 2)
+        if kind == "arch" and not compiled_arch:
+            say(f"arch: eager {out['eager_arch_ms']:.1f} ms (the compiled step not timed)")
+            continue
         net = torch.compile(model, backend=backend)
         out[f"compiled_{kind}_first_s"] = timed(step, net, 1, 0)
         timed(step, net, 2, 1)
@@ -91,6 +97,15 @@ def measure(space: str, budget: str, steps: int, backend: str,
         # steps after which the compile has paid for itself (None: it never does)
         out[f"{kind}_break_even_steps"] = (round(1e3 * out[f"compiled_{kind}_first_s"] / saved)
                                           if saved > 0 else None)
+    # the default on CUDA with compile on: the eager architecture step, its soft mixes
+    # compiled (two small graphs; the first call pays their compile)
+    fuse_soft_mixes(search.modules, backend)
+    out["fused_arch_first_s"] = timed(arch_step, model, 1, 0)
+    timed(arch_step, model, 2, 1)
+    out["fused_arch_ms"] = 1e3 * timed(arch_step, model, steps, 3)
+    fuse_soft_mixes(search.modules, None)
+    say(f"arch, soft mixes compiled: {out['fused_arch_ms']:.1f} ms after a first call of"
+        f" {out['fused_arch_first_s']:.1f} s")
     out["arch_steps_in_search"] = arch_step_count(job.search_steps, s.arch_every)
     return out
 
@@ -101,9 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default="w3a3")
     ap.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend")
+    ap.add_argument("--no-compiled-arch", action="store_true",
+                    help="skip the whole compiled architecture step (its compile: ~150 s on"
+                    " lm-30m)")
+    ap.add_argument("--arch-only", action="store_true", help="time the architecture step only")
     ap.add_argument("--json", required=True, help="where the results go")
     args = ap.parse_args(argv)
-    res = measure(args.space, args.budget, args.steps, args.backend)
+    res = measure(args.space, args.budget, args.steps, args.backend,
+                  compiled_arch=not args.no_compiled_arch, arch_only=args.arch_only)
     res["command"], res["machine"] = command_line(), machine_info(res["device"].split(":")[0])
     write_json(args.json, res)
     return 0

@@ -177,6 +177,33 @@ def test_qat_step_on_the_triton_kernels_compiles_without_graph_breaks():
     assert float((flat_c - flat).norm() / flat.norm()) < 0.15
 
 
+@GPU
+@pytest.mark.gpu
+def test_soft_mixes_compiled_by_inductor_match_the_eager_ones():
+    """The architecture step's default on CUDA: soft mixes as two Inductor graphs. Inductor
+    may contract the quantizer's float32 steps into FMAs, which moves a code at a rounding
+    tie by one step; a wrong graph (a dropped candidate, a lost mask) is O(1)."""
+    from coqat.bitsearch.relax import SearchLinear, fuse_soft_mixes
+
+    torch.manual_seed(5)
+    m = SearchLinear.from_float(nn.Linear(640, 1792), (2, 3, 4, 8), (4, 6, 8)).cuda()
+    x = torch.randn(8, 256, 640, device="cuda")
+    yw = torch.softmax(torch.randn(4, device="cuda"), 0).requires_grad_()
+    ya = torch.softmax(torch.randn(3, device="cuda"), 0).requires_grad_()
+    m.set_mix(yw, ya)
+    runs, g = [], None
+    for backend in (None, "inductor"):
+        fuse_soft_mixes({"m": m}, backend)
+        xx = x.clone().requires_grad_()
+        out = m(xx)
+        g = torch.randn_like(out) if g is None else g
+        runs.append((out, *torch.autograd.grad(out, (xx, m.weight, yw, ya), g)))
+    fuse_soft_mixes({"m": m}, None)
+    for eager, fused in zip(*runs):
+        rel = float((fused - eager).float().norm() / eager.float().norm())
+        assert rel < 1e-3, rel
+
+
 def test_cli_compile_flag_reaches_the_run_config_and_bad_values_exit_2(tmp_path):
     from conftest import DIGITS, assert_one_line_error, cli_json, run_cli
 
@@ -213,10 +240,11 @@ def test_search_and_its_fp_phase_follow_the_compile_choice(monkeypatch, tmp_path
     step runs the model between them). The architecture step compiles its own model only
     with ``[search] compile_arch = true``: by default it runs eagerly."""
     pytest.importorskip("fvcore")
-    from coqat.bitsearch import GumbelSearchHooks, run_search
+    from coqat.bitsearch import GumbelSearchHooks, relax, run_search
     from coqat.training import loop
     from conftest import LM_MICRO, run_config
 
+    monkeypatch.setattr(relax, "_COMPILED", {})
     steps, compiled, arch_nets = [], [], []
     real_compile_step = loop.compile_step
     real_on_start = GumbelSearchHooks.on_start
@@ -238,7 +266,11 @@ def test_search_and_its_fp_phase_follow_the_compile_choice(monkeypatch, tmp_path
     run_search(cfg, "w4a4", "gumbel")
     assert steps == [(choice, True), (choice, False), (choice, True)]   # FP, search, QAT
     arch_compiled = choice is True and compile_arch               # "auto" is eager on the CPU
-    assert len(compiled) == (1 if arch_compiled else 0)
+    # compile on and the architecture step eager: only its two soft-mix functions compile
+    mixes = [relax._mix_values, relax._mix_grads] if choice is True and not compile_arch else []
+    assert compiled == ([compiled[0]] if arch_compiled else mixes)
+    if arch_compiled:
+        assert isinstance(compiled[0], nn.Module)
     assert len(arch_nets) == 1 and (arch_nets[0] is not None) == arch_compiled
 
 
@@ -256,11 +288,15 @@ def test_the_architecture_step_compiles_once_for_every_soft_sample(monkeypatch, 
     from coqat.bitsearch.pipeline import plan_search
     from conftest import LM_MICRO, run_config
 
+    from coqat.bitsearch import relax
+
     job = plan_search(run_config(LM_MICRO, tmp_path), "w4a4")    # builds, trains nothing
     prep, problem, wl = job.fp_prep, job.problem, job.fp_prep.workload
     counter = CompileCounterWithBackend("aot_eager")
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda net, **kw: real_compile(net, backend=counter))
+    monkeypatch.setattr(relax, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile",
+                        lambda net, **kw: real_compile(net, **{**kw, "backend": counter}))
     logits = []
     for compile_arch in (False, True):
         model = copy.deepcopy(prep.model)
@@ -273,18 +309,24 @@ def test_the_architecture_step_compiles_once_for_every_soft_sample(monkeypatch, 
                               dist=SimpleNamespace(rank=0, world_size=1))
         hooks.on_start(ctx)
         assert (hooks.arch_net is not None) == compile_arch
+        before = counter.frame_count
         for i in range(3):                     # three architecture steps (arch_every = 1)
             ctx.step = i
             hooks.after_optimizer_step(ctx)
+            if i == 0:
+                first = counter.frame_count
         assert gs.k == 3
-        assert counter.frame_count == (1 if compile_arch else 0)
+        # eager step: its soft mixes compiled, a few graphs (one per operand layout and
+        # candidate set, not per layer or step); compiled step: one graph for the model
+        assert counter.frame_count == first and (first - before == 1 if compile_arch
+                                                 else 2 <= first - before <= 8)
         logits.append(torch.cat([t.detach() for t in gs.parameters()]))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     net, x = hooks.arch_net, wl.get_batch("holdout", 0, 4)
     for i in range(2):                   # hard samples: one more graph, whatever is drawn
         gs.apply(gs.sample(i, "weights", "hard"))
         wl.loss(net, x)
-    assert counter.frame_count == 2
+    assert counter.frame_count == first + 1
 
 
 def test_search_step_benchmark_times_both_step_kinds_on_the_cpu():
@@ -302,4 +344,9 @@ def test_search_step_benchmark_times_both_step_kinds_on_the_cpu():
     for kind in ("weight", "arch"):
         assert res[f"eager_{kind}_ms"] > 0 and res[f"compiled_{kind}_ms"] > 0
         assert res[f"compiled_{kind}_first_s"] > 0
+    assert res["fused_arch_ms"] > 0 and res["fused_arch_first_s"] > 0
     assert res["arch_steps_in_search"] >= 1 and res["decisions"] > 0
+    quick = mod.measure(LM_MICRO, "w4a4", 1, "aot_eager", compiled_arch=False,
+                        arch_only=True, say=lambda _: None)
+    assert quick["fused_arch_ms"] > 0 and quick["eager_arch_ms"] > 0
+    assert "compiled_arch_ms" not in quick and "eager_weight_ms" not in quick

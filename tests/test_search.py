@@ -162,6 +162,43 @@ def test_soft_mixing_is_the_weighted_sum_of_quantized_operands_in_one_matmul():
     assert all(t.abs().sum() > 0 for t in g)                  # the mix weights get gradient
 
 
+@pytest.mark.parametrize("method", ["quest", "rtn"])
+def test_fused_soft_mix_matches_the_eager_one(monkeypatch, method):
+    """The compiled soft mix (two graphs; the backward recomputes the candidates) against
+    the eager one (which stores them): the same values and the same gradients to the
+    operands and the mix weights, Linear and Conv2d, a 16-bit candidate among them; new mix
+    weights reuse the graphs (they are data)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from coqat.bitsearch import relax
+
+    monkeypatch.setattr(relax, "_COMPILED", {})
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.manual_seed(4)
+    layers = [(SearchLinear.from_float(nn.Linear(64, 24), (2, 4, 16), (3, 8, 16), method),
+               torch.randn(3, 5, 64)),
+              (SearchConv2d.from_float(nn.Conv2d(16, 8, 3, padding=1), (2, 8), (4, 6, 16),
+                                       method), torch.randn(2, 16, 5, 5))]
+    for m, x in layers:
+        for trial in range(2):
+            yw = torch.softmax(torch.randn(len(m.w_choices)), 0).requires_grad_()
+            ya = torch.softmax(torch.randn(len(m.a_choices)), 0).requires_grad_()
+            x = x.clone().requires_grad_()
+            m.set_mix(yw, ya)
+            runs, g = [], None
+            for backend in (None, counter):
+                relax.fuse_soft_mixes({"m": m}, backend)
+                out = m(x)
+                g = torch.randn_like(out) if g is None else g
+                runs.append((out, *torch.autograd.grad(out, (x, m.weight, yw, ya), g)))
+            for eager, fused in zip(*runs):
+                torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+            if trial == 0:
+                frames = counter.frame_count
+        assert counter.frame_count == frames > 0        # the second mix compiled nothing
+    relax.fuse_soft_mixes({"m": m}, None)
+
+
 def test_search_model_shares_parameters_and_pins_fixed_layers(micro):
     model = copy.deepcopy(micro.model)
     before = {n: p for n, p in model.named_parameters()}

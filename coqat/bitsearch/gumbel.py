@@ -56,8 +56,10 @@ comes back the same way. With ``--compile`` on (the CUDA default) the weight ste
 compiled by the loop, without CUDA graphs (the architecture step runs the model between two
 of them). By default the architecture step runs eagerly: its cold compile (146 s on lm-30m
 on an H200) pays only after ~1100 steps, and the lm-30m search has 500
-(reports/search_steps.json). ``[search] compile_arch = true`` compiles it through its own
-``torch.compile`` of the model: a mix is data to that graph, so every soft sample reuses it.
+(reports/search_steps.json); only its soft mixes are compiled then (two small graphs,
+``relax.fuse_soft_mixes``), which removes most of its eager elementwise work.
+``[search] compile_arch = true`` compiles the whole step through its own ``torch.compile``
+of the model: a mix is data to that graph, so every soft sample reuses it.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ from torch import nn
 from coqat.cost import CostModel
 from coqat.bitsearch.knapsack import RepairResult, repair, total_value
 from coqat.bitsearch.problem import Assignment, SearchProblem
-from coqat.bitsearch.relax import Mix, set_assignment
+from coqat.bitsearch.relax import Mix, fuse_soft_mixes, set_assignment
 from coqat.config import SearchSettings
 from coqat.training.hooks import StepContext, TrainHooks
 from coqat.training.loop import autocast, compile_enabled
@@ -355,9 +357,13 @@ class GumbelSearchHooks(TrainHooks):
         # an H200) pays only after ~1100 steps, and the lm-30m search has 500. With
         # `[search] compile_arch = true` it has its own compiled model (no CUDA graphs: see
         # the class field); one graph serves every soft sample, since a mix is an input to it
-        compile_arch = (self.search.settings.compile_arch
-                        and compile_enabled(ctx.settings, ctx.device))
+        compile_on = compile_enabled(ctx.settings, ctx.device)
+        compile_arch = self.search.settings.compile_arch and compile_on
         self.arch_net = torch.compile(ctx.model) if compile_arch else None
+        # an eager architecture step still compiles its soft mixes: two small graphs that
+        # compile in seconds and fuse the per-candidate quantizations (relax._MixQuantFn)
+        fuse_soft_mixes(self.search.modules, "inductor" if compile_on and not compile_arch
+                        else None)
         self.search.apply(self.search.sample(ctx.step, "weights", "hard"))
         if self.trace is not None:
             with torch.no_grad():

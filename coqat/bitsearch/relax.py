@@ -38,9 +38,10 @@ from coqat.quant.quantizers import (
     QuantSpec,
     RowParams,
     _resolve_max_block,
-    quantize_rows,
+    quantize_rows_from,
     quantize_rows_with,
     row_params,
+    row_statistic,
     ste_quantize,
 )
 
@@ -53,10 +54,16 @@ def _rotate(t: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def mix_quantized(r: torch.Tensor, choices: tuple[int, ...], mix: Mix, method: str,
-                  rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                  rows: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                  table: torch.Tensor | None = None,
+                  fused_backend: str | None = None) -> torch.Tensor:
     """``sum_k mix[k] * Q_{choices[k]}(r)`` (``Q_16`` = identity) over an already-rotated
     ``r``; ``rows`` reshapes ``r`` into the rows that share a scale. An int ``mix``
-    computes only that candidate (through ``ste_quantize``, as QuantLinear does)."""
+    computes only that candidate (through ``ste_quantize``, as QuantLinear does).
+
+    ``table``: the candidates' ``_candidate_table`` (built here when not given).
+    ``fused_backend``: run the soft mix as two ``torch.compile``d functions (see
+    ``_MixQuantFn``) on that backend; None runs it eagerly."""
     if isinstance(mix, int):
         bits = choices[mix]
         if bits == FLOAT_BITS:
@@ -64,47 +71,111 @@ def mix_quantized(r: torch.Tensor, choices: tuple[int, ...], mix: Mix, method: s
         return ste_quantize(rows(r) if rows is not None else r, bits, method).reshape(r.shape)
     if mix.shape != (len(choices),):
         raise ValueError(f"mix has shape {tuple(mix.shape)}, expected ({len(choices)},)")
-    return _MixQuantFn.apply(r, mix, tuple(choices), method, rows)
+    if table is None:
+        table = _candidate_table(tuple(choices), r.device)[0]
+    floats = tuple(b == FLOAT_BITS for b in choices)
+    return _MixQuantFn.apply(r, mix, table, floats, method, rows, fused_backend)
+
+
+def _candidates(x: torch.Tensor, table: torch.Tensor, floats: tuple[bool, ...], method: str):
+    """(values, mask) of float32 rows ``x`` at every candidate (a 16-bit one: ``x``, mask
+    None); the row statistic is computed once, since it does not depend on the width."""
+    stat = row_statistic(x, method)
+    for k, is_float in enumerate(floats):
+        if is_float:
+            yield x, None
+        else:
+            res = quantize_rows_from(x, stat, RowParams(*table[:, k].unbind(0)), method,
+                                     codes=False)
+            yield res.values, res.mask
+
+
+def _mix_values(x, y, table, floats, method):
+    """``sum_k y[k] * Q_k(x)``, added in candidate order (the forward of a soft mix)."""
+    out = None
+    for k, (v, _) in enumerate(_candidates(x, table, floats, method)):
+        out = y[k] * v if out is None else out + y[k] * v
+    return out
+
+
+def _mix_grads(x, y, table, floats, method, g):
+    """The backward of ``_mix_values`` at output gradient ``g``, the candidates recomputed:
+    ``dL/dy[k] = <g, Q_k(x)>`` and ``dL/dx = (sum_k y[k] M_k) * g``."""
+    grad_y, through = [], None
+    for k, (v, m) in enumerate(_candidates(x, table, floats, method)):
+        grad_y.append((v * g).sum())
+        w = y[k] if m is None else y[k] * m.to(torch.float32)
+        through = w if through is None else through + w
+    return torch.stack(grad_y), through * g
+
+
+_COMPILED: dict[tuple[str, str], Callable] = {}
+
+
+def _compiled(fn: Callable, backend: str) -> Callable:
+    """``fn`` under ``torch.compile`` (dynamic shapes: one graph serves every layer's shape),
+    built once per backend."""
+    key = (fn.__name__, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=True, fullgraph=True)
+    return _COMPILED[key]
 
 
 class _MixQuantFn(torch.autograd.Function):
-    """``y @ stack_k Q_k(r)`` with the masked straight-through backward of every candidate.
+    """``sum_k y_k Q_k(r)`` with the masked straight-through backward of every candidate.
 
-    One function instead of K quantize/multiply/add graph nodes: the forward keeps the K
-    quantized copies and masks of this operand (freed after the backward); the backward is
-    one mat-vec for the mixing weights (``dL/dy_k = <g, Q_k(r)>``) and one for ``r``
-    (``dL/dr = (sum_k y_k M_k) * g``). Values equal ``sum_k y_k * ste_quantize(r, b_k)``.
+    One function instead of K quantize/multiply/add graph nodes. Eagerly (``backend``
+    None) the forward keeps the K quantized copies and masks of this operand (freed after
+    the backward), and the backward is one mat-vec for the mixing weights
+    (``dL/dy_k = <g, Q_k(r)>``) and one for ``r`` (``dL/dr = (sum_k y_k M_k) * g``).
+    Eager elementwise work is what made the architecture step 2x a weight step on a GPU
+    (~20 kernels per candidate per operand per layer), so with a ``backend`` the forward
+    and the backward are each one compiled function (``_mix_values``, ``_mix_grads``) that
+    keeps nothing but ``r`` and recomputes the candidates in the backward. Both compute the
+    same operations; a compiler may fuse the float32 steps (e.g. into FMAs), so the two
+    paths agree to rounding, not bit for bit. That is only for the soft mixes of the
+    architecture step: a hard choice never comes here.
     """
 
     @staticmethod
-    def forward(ctx, r, y, choices, method, rows):
-        shape = r.shape
+    def forward(ctx, r, y, table, floats, method, rows, backend):
         r32 = r.detach().to(torch.float32)
-        q_in = rows(r32) if rows is not None else r32
+        x = rows(r32) if rows is not None else r32
+        y32 = y.detach().to(torch.float32)
+        ctx.in_dtype, ctx.y_dtype = r.dtype, y.dtype
+        ctx.floats, ctx.method, ctx.backend = floats, method, backend
+        if backend is not None:
+            out = _compiled(_mix_values, backend)(x, y32, table, floats, method)
+            ctx.save_for_backward(x, y32, table)
+            return out.reshape(r.shape)
         values, masks = [], []
-        for bits in choices:
-            if bits == FLOAT_BITS:
-                values.append(r32.reshape(-1))
-                masks.append(torch.ones(r32.numel(), dtype=torch.bool, device=r.device))
-            else:
-                res = quantize_rows(q_in, bits, method)
-                values.append(res.values.reshape(-1))
-                masks.append(res.mask.reshape(-1))
-        q = torch.stack(values)                            # (K, N)
-        ctx.save_for_backward(q, torch.stack(masks), y)
-        ctx.in_dtype = r.dtype
-        return (y.to(torch.float32) @ q).reshape(shape)
+        for v, m in _candidates(x, table, floats, method):
+            values.append(v.reshape(-1))
+            masks.append(torch.ones(v.numel(), dtype=torch.bool, device=v.device)
+                         if m is None else m.reshape(-1))
+        out = None
+        for k, v in enumerate(values):
+            out = y32[k] * v if out is None else out + y32[k] * v
+        ctx.save_for_backward(torch.stack(values), torch.stack(masks), y32)
+        return out.reshape(r.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        q, masks, y = ctx.saved_tensors
+        if ctx.backend is not None:
+            x, y32, table = ctx.saved_tensors
+            g = grad.to(torch.float32).reshape(x.shape)
+            grad_y, grad_x = _compiled(_mix_grads, ctx.backend)(x, y32, table, ctx.floats,
+                                                                ctx.method, g)
+            return (grad_x.reshape(grad.shape).to(ctx.in_dtype), grad_y.to(ctx.y_dtype),
+                    None, None, None, None, None)
+        q, masks, y32 = ctx.saved_tensors
         g = grad.reshape(-1).to(torch.float32)
-        grad_y = (q @ g).to(y.dtype) if ctx.needs_input_grad[1] else None
+        grad_y = (q @ g).to(ctx.y_dtype) if ctx.needs_input_grad[1] else None
         grad_r = None
         if ctx.needs_input_grad[0]:
-            pass_through = y.to(torch.float32) @ masks.to(torch.float32)
+            pass_through = y32 @ masks.to(torch.float32)
             grad_r = (pass_through * g).reshape(grad.shape).to(ctx.in_dtype)
-        return grad_r, grad_y, None, None, None
+        return grad_r, grad_y, None, None, None, None, None
 
 
 class _PickedQuantFn(torch.autograd.Function):
@@ -173,6 +244,7 @@ class _SearchLayer:
         self.block = self._rotation_block(_resolve_max_block(method, hadamard_block))
         self.w_mix = self.a_mix = None
         self.hard = False
+        self.fused_backend: str | None = None      # see fuse_soft_mixes
         dev = self.weight.device
         for kind, choices in (("w", self.w_choices), ("a", self.a_choices)):
             table, is_float = _candidate_table(choices, dev)
@@ -212,10 +284,13 @@ class _SearchLayer:
         return isinstance(w_mix, int) and isinstance(a_mix, int) and \
             self.w_choices[w_mix] == FLOAT_BITS and self.a_choices[a_mix] == FLOAT_BITS
 
-    def _operand(self, t: torch.Tensor, choices, mix: Mix,
+    def _operand(self, t: torch.Tensor, kind: str, mix: Mix,
                  rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         r = _rotate(t, self.block)
-        return mix_quantized(r, choices, mix, self.method, rows).to(t.dtype)
+        choices = self.w_choices if kind == "w" else self.a_choices
+        return mix_quantized(r, choices, mix, self.method, rows,
+                             table=getattr(self, f"{kind}_table"),
+                             fused_backend=self.fused_backend).to(t.dtype)
 
     def quant_error(self, kind: str, index: int, t: torch.Tensor) -> torch.Tensor:
         """Q(t) - t in the original basis, ``t`` the weight (``kind`` "w") or an input of
@@ -228,7 +303,7 @@ class _SearchLayer:
             return self._error(kind, choices, index, t)
 
     def _error(self, kind: str, choices, index: int, t: torch.Tensor) -> torch.Tensor:
-        q = self._operand(t, choices, index)
+        q = self._operand(t, kind, index)
         return _rotate(q, self.block) - t
 
     def _search_repr(self) -> str:
@@ -260,8 +335,8 @@ class SearchLinear(_SearchLayer, nn.Linear):
         w_mix, a_mix = self._mixes()
         if self._is_float(w_mix, a_mix):
             return F.linear(x, self.weight, self.bias)
-        return F.linear(self._operand(x, self.a_choices, a_mix),
-                        self._operand(self.weight, self.w_choices, w_mix), self.bias)
+        return F.linear(self._operand(x, "a", a_mix), self._operand(self.weight, "w", w_mix),
+                        self.bias)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._search_repr()}"
@@ -296,24 +371,31 @@ class SearchConv2d(_SearchLayer, nn.Conv2d):
             w_mix, a_mix = self._mixes()
             if self._is_float(w_mix, a_mix):
                 return self._conv_forward(x, self.weight, self.bias)
-            xq = self._operand(x.movedim(-3, -1), self.a_choices, a_mix).movedim(-1, -3)
-            wq = self._operand(w, self.w_choices, w_mix, rows=per_channel)
+            xq = self._operand(x.movedim(-3, -1), "a", a_mix).movedim(-1, -3)
+            wq = self._operand(w, "w", w_mix, rows=per_channel)
         return self._conv_forward(xq.contiguous(), wq.permute(0, 3, 1, 2).contiguous(),
                                   self.bias)
 
     def _error(self, kind: str, choices, index: int, t: torch.Tensor) -> torch.Tensor:
         if kind == "w":                      # the forward's layout: [out, kh, kw, in] rows
             w = t.permute(0, 2, 3, 1)
-            q = self._operand(w, choices, index, rows=lambda r: r.reshape(r.shape[0], -1))
+            q = self._operand(w, kind, index, rows=lambda r: r.reshape(r.shape[0], -1))
             return (_rotate(q, self.block) - w).permute(0, 3, 1, 2)
         x = t.movedim(-3, -1)                # one row per pixel, channels last
-        return (_rotate(self._operand(x, choices, index), self.block) - x).movedim(-1, -3)
+        return (_rotate(self._operand(x, kind, index), self.block) - x).movedim(-1, -3)
 
     def extra_repr(self) -> str:
         return f"{nn.Conv2d.extra_repr(self)}, {self._search_repr()}"
 
 
 SEARCH_TYPES = (SearchLinear, SearchConv2d)
+
+
+def fuse_soft_mixes(modules: dict[str, _SearchLayer], backend: str | None = "inductor") -> None:
+    """Run the soft mixes of ``modules`` (the architecture step's) as compiled functions on
+    ``backend`` (None: eagerly again); see ``_MixQuantFn``. Hard choices are unaffected."""
+    for m in modules.values():
+        m.fused_backend = backend
 
 
 def set_assignment(modules: dict[str, _SearchLayer], problem, asg) -> None:

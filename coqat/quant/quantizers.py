@@ -42,7 +42,8 @@ from coqat.quant.hadamard import hadamard_block_for, hadamard_transform
 
 __all__ = [
     "ALPHA", "METHODS", "FORMS", "QuantResult", "QuantSpec", "RowParams",
-    "default_trust", "row_params", "quantize_rows", "quantize_rows_with", "dequantize",
+    "default_trust", "row_params", "quantize_rows", "quantize_rows_with", "row_statistic",
+    "quantize_rows_from", "dequantize",
     "ste_quantize", "fake_quant", "project",
 ]
 
@@ -159,29 +160,65 @@ def row_params(bits: int, like: torch.Tensor, trust: float | None = None) -> Row
                      _f32(2 ** (bits - 1) - 1, like))
 
 
-def _quest_rows(x: torch.Tensor, p: RowParams) -> QuantResult:
+def _quest_rms(x: torch.Tensor) -> torch.Tensor:
+    """QuEST's row statistic: the RMS of each row (float64 sum, rounded once to float32)."""
     n = x.shape[-1]
     sumsq = torch.sum(x.to(torch.float64) ** 2, dim=-1, keepdim=True)
-    rms = torch.sqrt(sumsq / _f32(n, x, torch.float64)).to(torch.float32)
+    return torch.sqrt(sumsq / _f32(n, x, torch.float64)).to(torch.float32)
+
+
+def _quest_from_rms(x: torch.Tensor, rms: torch.Tensor, p: RowParams,
+                    codes: bool = True) -> QuantResult:
     scale = rms * p.alpha
     scale = scale + _f32(_QUEST_EPS, x)
     step = (scale * _f32(2.0, x)) / p.levels
     clipped = torch.clamp(x, min=-scale, max=scale)
     k = torch.round(clipped / step + _f32(0.5, x))
     values = k * step - step / _f32(2.0, x)
-    codes = (k - _f32(1.0, x)).to(torch.int8)
     mask = (values - x).abs() <= p.trust * rms
-    return QuantResult(values, codes, step, mask)
+    return QuantResult(values, (k - _f32(1.0, x)).to(torch.int8) if codes else None, step, mask)
 
 
-def _rtn_rows(x: torch.Tensor, p: RowParams, clip_ratio: float) -> QuantResult:
-    absmax = x.abs().amax(dim=-1, keepdim=True)
+def _quest_rows(x: torch.Tensor, p: RowParams) -> QuantResult:
+    return _quest_from_rms(x, _quest_rms(x), p)
+
+
+def _rtn_absmax(x: torch.Tensor) -> torch.Tensor:
+    """RTN's row statistic: the largest magnitude of each row."""
+    return x.abs().amax(dim=-1, keepdim=True)
+
+
+def _rtn_from_absmax(x: torch.Tensor, absmax: torch.Tensor, p: RowParams, clip_ratio: float,
+                     codes: bool = True) -> QuantResult:
     clip = _f32(clip_ratio, x) * absmax
     scale = clip / p.qmax + _f32(_RTN_EPS, x)
     c = torch.clamp(torch.round(x / scale), min=-p.qmax, max=p.qmax)
     values = c * scale
     mask = x.abs() <= clip
-    return QuantResult(values, c.to(torch.int8), scale, mask)
+    return QuantResult(values, c.to(torch.int8) if codes else None, scale, mask)
+
+
+def _rtn_rows(x: torch.Tensor, p: RowParams, clip_ratio: float) -> QuantResult:
+    return _rtn_from_absmax(x, _rtn_absmax(x), p, clip_ratio)
+
+
+def row_statistic(x: torch.Tensor, method: str = "quest") -> torch.Tensor:
+    """The per-row statistic a width's scale is made from (QuEST: RMS, RTN: absmax) of a
+    float32 tensor; the same for every width, so several widths of one tensor need it once
+    (``quantize_rows_from``)."""
+    return _quest_rms(x) if method == "quest" else _rtn_absmax(x)
+
+
+def quantize_rows_from(x: torch.Tensor, stat: torch.Tensor, params: RowParams,
+                       method: str = "quest", clip_ratio: float = 1.0,
+                       codes: bool = True) -> QuantResult:
+    """``quantize_rows_with`` given the rows' ``row_statistic`` (float32 ``x``, no checks, no
+    gradient): the same operations, so the same bits. ``codes=False`` skips the int8 codes
+    (``QuantResult.codes`` is None) for callers that need only values and mask."""
+    with torch.no_grad():
+        if method == "quest":
+            return _quest_from_rms(x, stat, params, codes)
+        return _rtn_from_absmax(x, stat, params, clip_ratio, codes)
 
 
 def quantize_rows_with(x: torch.Tensor, params: RowParams, method: str = "quest",
