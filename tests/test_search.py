@@ -199,6 +199,33 @@ def test_fused_soft_mix_matches_the_eager_one(monkeypatch, method):
     relax.fuse_soft_mixes({"m": m}, None)
 
 
+def test_a_backend_that_cannot_compile_the_soft_mixes_costs_speed_not_the_search(monkeypatch):
+    """A compiler failure (here simulated) warns once and runs the same functions eagerly."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    from coqat.bitsearch import relax
+
+    def broken(fn, backend):
+        def fail(*args):
+            raise TorchDynamoException("no compiler for this\nsecond line")
+        return fail
+
+    monkeypatch.setattr(relax, "_compiled", broken)
+    monkeypatch.setattr(relax, "_FAILED", set())
+    torch.manual_seed(6)
+    m = SearchLinear.from_float(nn.Linear(32, 16), (2, 4, 16), (4, 8))
+    m.set_mix(torch.tensor([0.2, 0.5, 0.3], requires_grad=True),
+              torch.tensor([0.6, 0.4], requires_grad=True))
+    x = torch.randn(3, 32)
+    expected = m(x)
+    relax.fuse_soft_mixes({"m": m}, "some-backend")
+    with pytest.warns(RuntimeWarning, match="could not be compiled.*no compiler for this\\)"):
+        out = m(x)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    out.sum().backward()                         # the backward falls back too, silently
+    assert relax._FAILED == {"some-backend"}
+
+
 def test_search_model_shares_parameters_and_pins_fixed_layers(micro):
     model = copy.deepcopy(micro.model)
     before = {n: p for n, p in model.named_parameters()}

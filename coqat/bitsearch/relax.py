@@ -24,11 +24,13 @@ mixing weight is their own quantized value.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 
 from coqat.bitconfig import FLOAT_BITS, BitConfig, check_bits
 from coqat.errors import CoqatError
@@ -110,6 +112,7 @@ def _mix_grads(x, y, table, floats, method, g):
 
 
 _COMPILED: dict[tuple[str, str], Callable] = {}
+_FAILED: set = set()      # backends that could not compile the soft mixes in this process
 
 
 def _compiled(fn: Callable, backend: str) -> Callable:
@@ -119,6 +122,22 @@ def _compiled(fn: Callable, backend: str) -> Callable:
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=True, fullgraph=True)
     return _COMPILED[key]
+
+
+def _run_fused(fn: Callable, backend, *args):
+    """``fn(*args)`` compiled on ``backend``; where that backend cannot compile it, ``fn``
+    eagerly (the same operations), with one warning per process: a compiler failure costs
+    speed, not the search."""
+    if backend not in _FAILED:
+        try:
+            return _compiled(fn, backend)(*args)
+        except TorchDynamoException as err:
+            _FAILED.add(backend)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            warnings.warn(f"coqat: the search's soft mixes could not be compiled"
+                          f" ({type(err).__name__}: {first[:200]}); they run eagerly",
+                          RuntimeWarning, stacklevel=2)
+    return fn(*args)
 
 
 class _MixQuantFn(torch.autograd.Function):
@@ -145,7 +164,7 @@ class _MixQuantFn(torch.autograd.Function):
         ctx.in_dtype, ctx.y_dtype = r.dtype, y.dtype
         ctx.floats, ctx.method, ctx.backend = floats, method, backend
         if backend is not None:
-            out = _compiled(_mix_values, backend)(x, y32, table, floats, method)
+            out = _run_fused(_mix_values, backend, x, y32, table, floats, method)
             ctx.save_for_backward(x, y32, table)
             return out.reshape(r.shape)
         values, masks = [], []
@@ -164,8 +183,8 @@ class _MixQuantFn(torch.autograd.Function):
         if ctx.backend is not None:
             x, y32, table = ctx.saved_tensors
             g = grad.to(torch.float32).reshape(x.shape)
-            grad_y, grad_x = _compiled(_mix_grads, ctx.backend)(x, y32, table, ctx.floats,
-                                                                ctx.method, g)
+            grad_y, grad_x = _run_fused(_mix_grads, ctx.backend, x, y32, table, ctx.floats,
+                                        ctx.method, g)
             return (grad_x.reshape(grad.shape).to(ctx.in_dtype), grad_y.to(ctx.y_dtype),
                     None, None, None, None, None)
         q, masks, y32 = ctx.saved_tensors
