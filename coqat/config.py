@@ -335,7 +335,8 @@ class SearchSettings:
         optuna_trials = 0         # cap on Optuna trials (0: no cap, only the time limit)
         optuna_seconds = 0.0      # Optuna's wall-clock (0: the Gumbel search's, measured)
         compile_arch = false      # with --compile on, compile the architecture step too (its
-                                  # cold compile pays only after ~1100 steps on lm-30m)
+                                  # cold compile pays only after ~1100 steps on lm-30m);
+                                  # false: eager, its soft mixes compiled on their own
 
     Why these choices: see ``coqat.bitsearch.gumbel`` (SGD for the logits so that mu's scale reaches
     the bits; a normalised constraint so that eta_mu means the same on every model).
