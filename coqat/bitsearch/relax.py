@@ -92,7 +92,8 @@ def _candidates(x: torch.Tensor, table: torch.Tensor, floats: tuple[bool, ...], 
             yield res.values, res.mask
 
 
-def _mix_values(x, y, table, floats, method):
+def _mix_values(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor,
+                floats: tuple[bool, ...], method: str) -> torch.Tensor:
     """``sum_k y[k] * Q_k(x)``, added in candidate order (the forward of a soft mix)."""
     out = None
     for k, (v, _) in enumerate(_candidates(x, table, floats, method)):
@@ -100,7 +101,8 @@ def _mix_values(x, y, table, floats, method):
     return out
 
 
-def _mix_grads(x, y, table, floats, method, g):
+def _mix_grads(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor,
+               floats: tuple[bool, ...], method: str, g: torch.Tensor):
     """The backward of ``_mix_values`` at output gradient ``g``, the candidates recomputed:
     ``dL/dy[k] = <g, Q_k(x)>`` and ``dL/dx = (sum_k y[k] M_k) * g``."""
     grad_y, through = [], None

@@ -72,14 +72,15 @@ class QuantResult(NamedTuple):
     """What ``quantize_rows`` returns; all shapes follow the input (..., n).
 
     values: float32 (..., n), the fake-quantized tensor.
-    codes:  int8 (..., n), the integer codes.
+    codes:  int8 (..., n), the integer codes (None where ``quantize_rows_from`` was asked
+            for values and mask only).
     scale:  float32 (..., 1), the step per row. Dequantize with ``dequantize``:
             QuEST ``(codes + 1/2) * scale``, RTN ``codes * scale``.
     mask:   bool (..., n), where the straight-through gradient passes (trust / clip mask).
     """
 
     values: torch.Tensor
-    codes: torch.Tensor
+    codes: torch.Tensor | None
     scale: torch.Tensor
     mask: torch.Tensor
 
