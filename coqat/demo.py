@@ -166,9 +166,10 @@ def reference_figure(budget: str, path: Path, steps: int = DEMO_STEPS,
     same = steps == grid_steps and target == preset.get("target")
     setting = "this demo's setting" if same else \
         f"{grid_steps} steps a phase, target {preset.get('target')}, not this run's setting"
-    return (f"The committed paired grid {label or path.parent} ({n} seeds, {seeds[0]}-{seeds[-1]}; {setting})"
-            f" measured the searched config against the best uniform ({cell['best_uniform']})"
-            f" at {budget}: its {name} better by {mean:+.4f} ± {se:.4f} (s.e.; < 0 = worse),"
+    return (f"The committed paired grid {label or path.parent} ({n} seeds,"
+            f" {seeds[0]}-{seeds[-1]}; {setting}) measured the searched config against the"
+            f" best uniform ({cell['best_uniform']}) at {budget}: its {name} better by"
+            f" {mean:+.4f} ± {se:.4f} (s.e.; < 0 = worse),"
             f" one-sided p = {p:.2g}"
             + (f" (Holm over its {n_mixed} mixed arms {holm:.2g})" if holm is not None else "")
             + f", better on {wins} of {n} seeds: the paired figures, not this single seed,"

@@ -92,13 +92,18 @@ def _candidates(x: torch.Tensor, table: torch.Tensor, floats: tuple[bool, ...], 
             yield res.values, res.mask
 
 
-def _mix_values(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor,
-                floats: tuple[bool, ...], method: str) -> torch.Tensor:
-    """``sum_k y[k] * Q_k(x)``, added in candidate order (the forward of a soft mix)."""
+def _weighted_sum(y: torch.Tensor, values) -> torch.Tensor:
+    """``sum_k y[k] * values[k]``, added in candidate order."""
     out = None
-    for k, (v, _) in enumerate(_candidates(x, table, floats, method)):
+    for k, v in enumerate(values):
         out = y[k] * v if out is None else out + y[k] * v
     return out
+
+
+def _mix_values(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor,
+                floats: tuple[bool, ...], method: str) -> torch.Tensor:
+    """``sum_k y[k] * Q_k(x)`` (the forward of a soft mix)."""
+    return _weighted_sum(y, (v for v, _ in _candidates(x, table, floats, method)))
 
 
 def _mix_grads(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor,
@@ -174,11 +179,8 @@ class _MixQuantFn(torch.autograd.Function):
             values.append(v.reshape(-1))
             masks.append(torch.ones(v.numel(), dtype=torch.bool, device=v.device)
                          if m is None else m.reshape(-1))
-        out = None
-        for k, v in enumerate(values):
-            out = y32[k] * v if out is None else out + y32[k] * v
         ctx.save_for_backward(torch.stack(values), torch.stack(masks), y32)
-        return out.reshape(r.shape)
+        return _weighted_sum(y32, values).reshape(r.shape)
 
     @staticmethod
     def backward(ctx, grad):

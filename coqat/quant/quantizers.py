@@ -180,10 +180,6 @@ def _quest_from_rms(x: torch.Tensor, rms: torch.Tensor, p: RowParams,
     return QuantResult(values, (k - _f32(1.0, x)).to(torch.int8) if codes else None, step, mask)
 
 
-def _quest_rows(x: torch.Tensor, p: RowParams) -> QuantResult:
-    return _quest_from_rms(x, _quest_rms(x), p)
-
-
 def _rtn_absmax(x: torch.Tensor) -> torch.Tensor:
     """RTN's row statistic: the largest magnitude of each row."""
     return x.abs().amax(dim=-1, keepdim=True)
@@ -197,10 +193,6 @@ def _rtn_from_absmax(x: torch.Tensor, absmax: torch.Tensor, p: RowParams, clip_r
     values = c * scale
     mask = x.abs() <= clip
     return QuantResult(values, c.to(torch.int8) if codes else None, scale, mask)
-
-
-def _rtn_rows(x: torch.Tensor, p: RowParams, clip_ratio: float) -> QuantResult:
-    return _rtn_from_absmax(x, _rtn_absmax(x), p, clip_ratio)
 
 
 def row_statistic(x: torch.Tensor, method: str = "quest") -> torch.Tensor:
@@ -228,9 +220,7 @@ def quantize_rows_with(x: torch.Tensor, params: RowParams, method: str = "quest"
     the same operations, so equal params give equal bits."""
     with torch.no_grad():
         x = x.detach().to(torch.float32)
-        if method == "quest":
-            return _quest_rows(x, params)
-        return _rtn_rows(x, params, clip_ratio)
+        return quantize_rows_from(x, row_statistic(x, method), params, method, clip_ratio)
 
 
 def quantize_rows(x: torch.Tensor, bits: int, method: str = "quest",
