@@ -157,6 +157,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "threads": 1, "deadline": None, "target": "onnx",
                         "options": {"steps": 200, "fp_steps": 200, "search_steps": 100},
                         "mixed": ["gumbel"], "primary": "gumbel"},
+    # One H100/H200, fifth workload: the byte LM sized to its corpus (lm-2m, 2.1M params,
+    # each run 1500 steps x 128 x 256 bytes = 49M bytes, ~25 per parameter), from scratch
+    # like lm-tiny but trained to convergence. Tiny on a GPU: 8 eager processes share it.
+    "gpu-lm2m": {"space": "lm-2m", "budgets": ["wa9", "w4a4", "wa12"], "seeds": 8,
+                 "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
+                 "deadline": 520, "options": {"proxy_batches": 4},
+                 "mixed": ["sensitivity", "gumbel"]},
     # toy size on the CPU: every arm of 2 seeds at 3 steps
     "smoke": {"space": "minilm-topics", "budgets": ["wa9", "w4a4"], "seeds": 2,
               "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
