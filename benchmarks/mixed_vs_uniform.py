@@ -47,6 +47,11 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     python benchmarks/mixed_vs_uniform.py run --preset gpu-fashion --out /tmp/mvf \
         --report-dir /tmp/mvf-report --data-dir /tmp/fashion --deadline 480 \
         --keep reports/mixed_vs_uniform/fashion/results.json
+    # lm-2m (the byte LM sized to its corpus) on one GPU: 8 processes keep an H200 ~90% busy;
+    # a seed's wa9 + control runs take ~230 s of it (QATs 90-130 s, Gumbel 250-350 s each)
+    python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m --budgets wa9,w4a4 \\
+        --out /tmp/mvl --report-dir $OUT/report --deadline 430 \\
+        --keep reports/mixed_vs_uniform/lm-2m/results.json
     # the demo's own setting on 2 CPU cores (about 70 minutes; coqat demo quotes its figure)
     python benchmarks/mixed_vs_uniform.py run --preset cpu-lm-tiny --out /tmp/lt/runs \
         --report-dir reports/mixed_vs_uniform/lm-tiny
