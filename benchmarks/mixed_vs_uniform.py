@@ -164,7 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "mixed": ["gumbel"], "primary": "gumbel"},
     # One H100/H200, fifth workload: the byte LM sized to its corpus (lm-2m, 2.1M params,
     # each run 1500 steps x 128 x 256 bytes = 49M bytes, ~25 per parameter), from scratch
-    # like lm-tiny but trained to convergence. Tiny on a GPU: 8 eager processes share it.
+    # like lm-tiny but on 50x the bytes per parameter. 8 eager processes share the GPU.
     "gpu-lm2m": {"space": "lm-2m", "budgets": ["wa9", "w4a4", "wa12"], "seeds": 8,
                  "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
                  "deadline": 520, "options": {"proxy_batches": 4},
