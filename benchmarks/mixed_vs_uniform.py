@@ -88,6 +88,7 @@ from common import command_line, machine_info, read_json, write_json  # noqa: E4
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 from coqat.config import COMPILE_FLAGS, common_pairs, load_space  # noqa: E402
 from coqat.reporting.stats import config_distance, paired_difference, seed_summary  # noqa: E402
+from coqat.rundir import RunDir  # noqa: E402
 from coqat.sweep.local import CACHED, LocalJob, read_finished, run_local  # noqa: E402
 from coqat.targets import get_target  # noqa: E402
 from coqat.util import atomic_write_text  # noqa: E402
@@ -227,6 +228,20 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, int, LocalJob]]:
 
 
 # ------------------------------------------------------------------------------------------
+def loss_curve(run_dir: str | Path, metric: str, every: int = 50) -> dict[str, list[list[float]]]:
+    """A run's training curve, small enough to keep beside its end value: the logged train
+    loss at every ``every``-th step (and the last) and the workload's ``metric`` (val_loss,
+    val_acc) at each evaluation, as [step, value] pairs. Where runs of one seed disagree by
+    more than their arms should, the curves say whether a run plateaued, spiked or
+    diverged."""
+    run = RunDir(Path(run_dir))
+    train = [r for r in run.metrics("train") if "loss" in r]
+    picked = [r for i, r in enumerate(train) if r["step"] % every == 0 or i == len(train) - 1]
+    return {"train": [[r["step"], round(r["loss"], 5)] for r in picked],
+            "val": [[r["step"], round(r[metric], 5)] for r in run.metrics("eval")
+                    if metric in r]}
+
+
 def collect(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     """Every finished run of the plan as a row (read back from the run directories)."""
     planned = plan(cfg)
@@ -244,6 +259,9 @@ def collect(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                      "assignment": s.assignment if s else None,
                      "fp_metric": (s.fp_phase or {}).get("metric") if s else None,
                      "search_phase_wall_s": s.search_phase_wall_s if s else None,
+                     "curve": loss_curve(o.run_dir, r.metric_name),
+                     "fp_curve": (loss_curve(s.fp_phase["cache"], r.metric_name)
+                                  if s and (s.fp_phase or {}).get("cache") else None),
                      "run_dir": o.run_dir})
     return {"preset": cfg, "rows": rows}
 

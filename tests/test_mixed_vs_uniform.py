@@ -232,3 +232,20 @@ def test_cleaned_reads_a_table_raw_and_monotone_on_the_space_widths_it_measured(
     with pytest.raises(SystemExit, match="lacks"):
         mvu.cleaned(LM_MICRO, Sensitivity("x", "given", "quest", "holdout", 1, 8, 3.0, 0.0,
                                           rows[1:], 1, 0.1), ["wa9"])
+
+
+def test_a_runs_curve_keeps_every_nth_train_step_the_last_and_each_evaluation(mvu, tmp_path):
+    from coqat.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    for step in range(10, 130, 10):
+        run.log({"kind": "train", "step": step, "phase": "qat", "loss": 4.0 - step / 100})
+        if step in (60, 120):
+            run.log({"kind": "eval", "step": step, "phase": "qat", "final": step == 120,
+                     "val_loss": 3.0 - step / 1000})
+    curve = mvu.loss_curve(tmp_path, "val_loss", every=50)
+    assert [s for s, _ in curve["train"]] == [50, 100, 120]
+    assert curve["train"][0] == [50, 3.5]
+    assert curve["val"] == [[60, 2.94], [120, 2.88]]
+    assert mvu.loss_curve(tmp_path, "val_acc")["val"] == []
+    assert mvu.loss_curve(tmp_path / "absent", "val_loss") == {"train": [], "val": []}
