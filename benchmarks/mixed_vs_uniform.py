@@ -235,11 +235,10 @@ def loss_curve(run_dir: str | Path, metric: str, every: int = 50) -> dict[str, l
     more than their arms should, the curves say whether a run plateaued, spiked or
     diverged."""
     run = RunDir(Path(run_dir))
-    train = [r for r in run.metrics("train") if "loss" in r]
-    picked = [r for i, r in enumerate(train) if r["step"] % every == 0 or i == len(train) - 1]
-    return {"train": [[r["step"], round(r["loss"], 5)] for r in picked],
-            "val": [[r["step"], round(r[metric], 5)] for r in run.metrics("eval")
-                    if metric in r]}
+    steps, losses = run.series("train", "loss")
+    return {"train": [[x, round(y, 5)] for i, (x, y) in enumerate(zip(steps, losses))
+                      if x % every == 0 or i == len(steps) - 1],
+            "val": [[x, round(y, 5)] for x, y in zip(*run.series("eval", metric))]}
 
 
 def collect(cfg: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -132,6 +132,22 @@ class RunDir:
             return iter(())
         return _read_jsonl(p, kind)
 
+    def series(self, kind: str | None, key: str,
+               file: str = METRICS) -> tuple[list[int], list[float]]:
+        """(steps, values) of the numeric ``key`` in the records of ``kind`` of one of the
+        run's JSONL files (``metrics.jsonl``, ``search/trace.jsonl``); empty lists where the
+        file is missing."""
+        xs: list[int] = []
+        ys: list[float] = []
+        f = self.path / file
+        if not f.is_file():
+            return xs, ys
+        for r in _read_jsonl(f, kind):
+            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool):
+                xs.append(int(r.get("step", len(xs))))
+                ys.append(float(r[key]))
+        return xs, ys
+
     def truncate_metrics_after(self, step: int) -> None:
         """On resume from the checkpoint of ``step``: drop what the resumed run logs again,
         i.e. records of later steps and the end-of-run evaluation (a run killed between its

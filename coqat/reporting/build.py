@@ -28,7 +28,7 @@ from typing import Any
 
 from coqat.reporting import plots
 from coqat.reporting import sensitivity
-from coqat.rundir import FINAL
+from coqat.rundir import FINAL, RunDir
 from coqat.reporting.runs import (FRONTIER_MANIFEST, Group, Point, group_dominated, group_points,
                                load_point, load_points, pareto_front)
 from coqat.reporting.stats import (ALPHA, CostPoint, PairedDifference, SeedSummary, best_uniform,
@@ -323,7 +323,7 @@ def search_summary(point: Point) -> dict[str, Any]:
     """Last values of the search trace (mu, temperature, E[BOPs]/B) and the repair record."""
     out: dict[str, Any] = {}
     for key in plots.SEARCH_KEYS:
-        xs, ys = plots._series(point.run_dir, "search", key, plots.SEARCH_TRACE)
+        xs, ys = RunDir(point.run_dir).series("search", key, plots.SEARCH_TRACE)
         if ys:
             out[key] = ys[-1]
             out[f"{key}_steps"] = len(ys)

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from coqat.bitconfig import FLOAT_BITS, BitConfig, LayerBits  # noqa: E402
 from coqat.errors import CoqatError  # noqa: E402
-from coqat.rundir import read_jsonl  # noqa: E402
+from coqat.rundir import RunDir  # noqa: E402
 from coqat.reporting.runs import Group, Point, group_dominated  # noqa: E402
 from coqat.reporting.stats import CostPoint, SeedSummary, hull_value, uniform_hull  # noqa: E402
 
@@ -181,23 +181,11 @@ def heatmap_figure(runs: Sequence[tuple[str, dict]]):
     return fig
 
 
-def _series(run_dir: str, kind: str | None, key: str,
-            file: str = "metrics.jsonl") -> tuple[list[int], list[float]]:
-    xs, ys = [], []
-    f = Path(run_dir) / file
-    if not f.is_file():
-        return xs, ys
-    for r in read_jsonl(f, kind):
-        if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool):
-            xs.append(int(r.get("step", len(xs))))
-            ys.append(float(r[key]))
-    return xs, ys
-
-
 def training_curves(points: Sequence[Point], path: Path, max_runs: int = 12) -> Path | None:
     """Training loss and validation metric against steps."""
     chosen = sorted(points, key=lambda p: p.bops)[:max_runs]
-    curves = [(p, _series(p.run_dir, "train", "loss"), _series(p.run_dir, "eval", p.metric_name))
+    curves = [(p, RunDir(p.run_dir).series("train", "loss"),
+               RunDir(p.run_dir).series("eval", p.metric_name))
               for p in chosen]
     if not any(train[0] or val[0] for _, train, val in curves):
         return None                    # no metrics.jsonl to read (e.g. runs moved away)
@@ -229,7 +217,7 @@ def search_curves(points: Sequence[Point], path: Path, max_runs: int = 12) -> Pa
     """The search's multiplier mu, Gumbel temperature and E[BOPs]/B against steps."""
     with_trace = []
     for p in points:
-        series = {k: _series(p.run_dir, "search", k, SEARCH_TRACE) for k in SEARCH_KEYS}
+        series = {k: RunDir(p.run_dir).series("search", k, SEARCH_TRACE) for k in SEARCH_KEYS}
         if any(xs for xs, _ in series.values()):
             with_trace.append((p, series))
     if not with_trace:
