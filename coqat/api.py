@@ -250,7 +250,8 @@ def train(space: str | Path | SearchSpace | RunConfig | None = None, bits: Any =
     (``coqat.training.branch``): the run starts from its checkpoint with its settings, and
     ``options`` may change only the optimizer (``optimizer``, ``cage_lambda`` or
     ``cage_pull``, ``cage_silence``, ``cage_schedule``, ``cage_scale``); ``space`` and
-    ``bits``, if given, must be the parent's."""
+    ``bits``, if given, must be the parent's. ``init_from`` (an option): a finished float
+    run whose trained weights the model starts from (``coqat.training.warmstart``)."""
     if branch_from is None:
         if stop_at is not None:
             options = {**options, "stop_at": stop_at}
@@ -260,6 +261,9 @@ def train(space: str | Path | SearchSpace | RunConfig | None = None, bits: Any =
     if model is not None or data is not None:
         raise CoqatError("branching a run of your own model is not supported; branch runs"
                          " of a search space")
+    if options.get("init_from") is not None:
+        raise CoqatError("a branch starts from its parent's checkpoint; give branch_from or"
+                         " init_from, not both")
     if isinstance(space, RunConfig):
         raise CoqatError("a branch takes its configuration from the parent run; give options"
                          " as keywords, not a RunConfig")

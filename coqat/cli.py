@@ -80,6 +80,10 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 DataDirOpt = Annotated[Optional[str], typer.Option(
     "--data-dir", help="where the dataset lives (Fashion-MNIST)")]
 OutOpt = Annotated[str, typer.Option("--out", help="root directory for run directories")]
+InitFromOpt = Annotated[Optional[Path], typer.Option(
+    "--init-from", help="start from this finished float run's trained weights (coqat train"
+    " --bits fp); QAT for all steps unless --qat-fraction says otherwise; in a search it is"
+    " the FP phase")]
 TargetOpt = Annotated[Optional[str], typer.Option(
     "--target", help="only bits this deployment target serves: onnx | vllm | torchao")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
@@ -211,6 +215,7 @@ def train(
     branch_from: Annotated[Optional[Path], typer.Option(
         "--branch-from", help="a new run starting from this run's checkpoint with its"
         " settings; only --optimizer and the --cage-* options may differ")] = None,
+    init_from: InitFromOpt = None,
     quiet: QuietOpt = False, json_out: JsonOpt = False,
 ) -> None:
     """Train full precision, or uniform / mixed QAT, and write a run directory."""
@@ -237,7 +242,8 @@ def train(
                           cage_scale=cage_scale, kernels=kernels,
                           compile=_compile_flag(compile), seed=seed,
                           device=device, data_dir=data_dir, out=out, name=name,
-                          progress=progress, stop_at=stop_at, branch_from=branch_from)
+                          progress=progress, stop_at=stop_at, branch_from=branch_from,
+                          init_from=None if init_from is None else str(init_from))
     if not DistEnv.from_env().is_main:  # under torchrun only rank 0 reports
         return
     if json_out:
@@ -297,6 +303,7 @@ def search(
         " the steps)")] = None,
     no_train: Annotated[bool, typer.Option(
         "--no-train", help="stop after the search: write the config, skip the QAT")] = False,
+    init_from: InitFromOpt = None,
     quantizer: QuantizerOpt = None, lr: LrOpt = None, batch_size: BatchOpt = None,
     qat_fraction: QatFractionOpt = None, fuse_cooldown: FuseOpt = None,
     optimizer: OptimizerOpt = None, cage_lambda: CageLambdaOpt = None,
@@ -318,7 +325,7 @@ def search(
         cage_silence=cage_silence, kernels=kernels, compile=_compile_flag(compile),
         seed=seed, device=device,
         data_dir=data_dir, out=out, progress=progress, fp_steps=fp_steps,
-        search_steps=search_steps)
+        search_steps=search_steps, init_from=None if init_from is None else str(init_from))
     if json_out:
         first = records[0].to_dict()
         _emit_json({**first, "baselines": {r.method: r.to_dict() for r in records[1:]}})

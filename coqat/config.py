@@ -593,7 +593,8 @@ MAX_SEED = 2**32 - 1
 class Runtime:
     """Where a run executes and where it writes. None of it changes the run's numbers
     except ``seed`` (model init, data order, search sampling); ``stop_at`` ends the same
-    trajectory early and ``branch_from`` continues another run's (see ``coqat.training.branch``)."""
+    trajectory early, ``branch_from`` continues another run's (see ``coqat.training.branch``)
+    and ``init_from`` starts from another run's trained weights (``coqat.training.warmstart``)."""
 
     seed: int = 0
     device: str = "auto"            # auto (CUDA if present) | cpu | cuda | cuda:N
@@ -606,6 +607,9 @@ class Runtime:
     stop_at: int | None = None
     #: the run directory this run branches from (its checkpoint is the starting point)
     branch_from: str | None = None
+    #: a finished float run whose final weights the model starts from (a warm start,
+    #: coqat.training.warmstart); the rest of the run is its own
+    init_from: str | None = None
 
     def validate(self, where: str = "runtime") -> "Runtime":
         if not _is_int(self.seed, lo=0, hi=MAX_SEED):
@@ -617,12 +621,15 @@ class Runtime:
         if self.stop_at is not None and not _is_int(self.stop_at, lo=1):
             raise CoqatError(f"{where}: stop_at must be a positive integer (got"
                              f" {self.stop_at!r})")
-        for name in ("data_dir", "name", "branch_from"):
+        for name in ("data_dir", "name", "branch_from", "init_from"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v.strip()):
                 raise CoqatError(f"{where}: {name} must be a non-empty string (got {v!r})")
         if not isinstance(self.out, str) or not self.out.strip():
             raise CoqatError(f"{where}: out must be a directory path (got {self.out!r})")
+        if self.branch_from is not None and self.init_from is not None:
+            raise CoqatError(f"{where}: a branch starts from its parent's checkpoint; give"
+                             " branch_from or init_from, not both")
         if self.name is not None and ("/" in self.name or self.name in (".", "..")):
             raise CoqatError(f"{where}: name {self.name!r} must be a plain name, not a path;"
                              " use out for the directory")

@@ -201,8 +201,9 @@ class SensitivityMethod:
             return sensitivity.table(s.sensitivity_estimate, prep.model, p, prep.workload,
                                      batches=s.proxy_batches, batch_size=bs,
                                      device=prep.device, source=job.config.space.name,
-                                     weights=f"FP phase ({job.fp_steps} steps, seed"
-                                             f" {job.seed})")
+                                     weights=(f"FP phase ({job.fp_steps} steps, seed"
+                                              f" {job.seed})" if prep.init is None else
+                                              f"the trained run {prep.init['from']}"))
 
         if ctx.fp_dir is None:
             table = measure()

@@ -23,6 +23,8 @@ hashes the workload table, the FP train settings, the seed, the device type and 
 dir (not the search keys: tuning the search reuses the FP phase). A later search with the
 same key loads ``model.safetensors`` and skips training. The directory is trained under a
 temporary name and renamed when complete, so a killed FP phase is never reused.
+With ``Runtime.init_from`` (``--init-from RUN``, ``coqat.training.warmstart``) that run is
+the FP phase: nothing is trained or cached, and the final QAT starts from its weights too.
 
 Run directory of a search (everything ``coqat train`` writes, plus ``search/``)::
 
@@ -139,7 +141,13 @@ def execute_search(job: SearchJob, final_qat: bool = True, seconds: float | None
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     fp_dir = None
-    if method.needs_fp:
+    if method.needs_fp and job.fp_prep.init is not None:   # --init-from: it is the FP phase
+        init = job.fp_prep.init
+        say(f"FP phase: the trained run {init['from']} ({init['metric_name']}"
+            f" {init['metric']})")
+        info["fp_phase"] = {"cache": init["from"], "reused": True, "metric": init["metric"],
+                            "init_from": True}   # fp_dir stays None: nothing is written there
+    elif method.needs_fp:
         info["fp_phase"] = load_or_train_fp(job, say)
         fp_dir = Path(info["fp_phase"]["cache"])
     choice = method.choose(job, SearchContext(trace, say, seconds, run, fp_dir))

@@ -14,7 +14,8 @@ unfused (FP cool-down, then QAT with its own warm-up and decay)::
     LR  /‾‾‾‾‾‾‾‾‾‾‾‾‾‾\\__ /‾‾‾‾‾‾‾‾\\
        |------ FP --------|--- QAT ----|
 
-An FP-only run (no QAT) and a QAT-from-scratch run (qat_start == 0) are both plain WSD.
+An FP-only run (no QAT) and a QAT-only run (qat_start == 0: from scratch, or from trained
+weights with init_from) are both plain WSD.
 The decay is linear down to ``min_lr_ratio``.
 """
 
@@ -78,7 +79,7 @@ class Schedule:
         d = asdict(self)
         d["qat_steps"] = self.qat_steps
         d["shape"] = ("fp-only" if self.qat_start is None else
-                      "qat-from-scratch" if self.qat_start == 0 else
+                      "qat-only" if self.qat_start == 0 else
                       "fused" if self.fused else "unfused")
         return d
 

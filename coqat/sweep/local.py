@@ -289,7 +289,8 @@ def _check_same_job(run: RunDir, job: LocalJob, config: RunConfig) -> None:
     search = doc.get("search") if isinstance(doc.get("search"), dict) else {}
     checks = [("search space", found.space.fingerprint() == config.space.fingerprint()),
               ("training settings", found.train == config.train),
-              ("seed", found.runtime.seed == config.runtime.seed)]
+              ("seed", found.runtime.seed == config.runtime.seed),
+              ("initial weights", found.runtime.init_from == config.runtime.init_from)]
     if job.is_search:
         checks += [("search settings", found.search == config.search),
                    ("budget", search.get("budget_expr") == str(job.budget).strip()),

@@ -87,8 +87,9 @@ def branch_config(parent: str | Path, options: Mapping[str, Any]) -> tuple[RunCo
         if v is not None:
             parts[owner][k] = v
     config = config.with_train(**parts[TrainSettings]).with_search(**parts[SearchSettings])
+    # a warm-started parent's weights are already in its checkpoint: no init_from here
     config = config.with_runtime(**{"name": None, "stop_at": None, **parts[Runtime],
-                                    "branch_from": str(run.path)})
+                                    "branch_from": str(run.path), "init_from": None})
     bits = None if doc.get("bits") == "fp" else BitConfig.load(run.file(BITCONFIG))
     return config, bits
 

@@ -39,6 +39,7 @@ from coqat.training.cage import CageHooks
 from coqat.training.distributed import DistEnv
 from coqat.training.hooks import TrainHooks
 from coqat.training.loop import train
+from coqat.training.warmstart import load_initial_weights
 from coqat.util import environment_info
 from coqat.workloads import Workload, get_workload
 
@@ -63,6 +64,7 @@ class Prepared:
     extra_config: dict[str, Any] = field(default_factory=dict)
     cage: CageHooks | None = None         # CAGE's hooks when the optimizer is cage-*
     branch: BranchPoint | None = None     # where a branch starts (Runtime.branch_from)
+    init: dict[str, Any] | None = None    # where the weights came from (Runtime.init_from)
 
     @property
     def space(self) -> SearchSpace:
@@ -96,11 +98,12 @@ def build_model(workload: Workload, seed: int) -> nn.Module:
                          " [workload] table") from None
 
 
-def prepare(config: RunConfig, bits: Any = "fp") -> Prepared:
+def prepare(config: RunConfig, bits: Any = "fp", init_sha256: str | None = None) -> Prepared:
     """Validate everything and build model, cost model, bits and schedule (no files written).
 
     ``bits``: a BitConfig (the search passes its chosen config), ``"fp"``/None (a float
     run), ``"wNaM"`` (uniform under the space's pinned layers) or a bitconfig.json path.
+    ``init_sha256``: the SHA-256 the ``init_from`` weights must have (a resumed run's).
     """
     space, settings, rt = config.space, config.train, config.runtime
     workload = get_workload(space.workload_name,
@@ -108,6 +111,8 @@ def prepare(config: RunConfig, bits: Any = "fp") -> Prepared:
                             data_dir=rt.data_dir, seed=rt.seed)
     data_info = workload.data_info()  # loads the data now: a missing dataset fails here,
     model = build_model(workload, rt.seed)  # before any run directory exists
+    init = (load_initial_weights(rt.init_from, model, init_sha256)
+            if rt.init_from else None)
     cost = CostModel.from_model(model, workload.example_inputs())
     resolved = space.resolve(list(cost.layers), cost.tie_groups)
     bitconfig, method = bits_for(bits, resolved, settings.quantizer)
@@ -120,7 +125,8 @@ def prepare(config: RunConfig, bits: Any = "fp") -> Prepared:
         if not bitconfig.tie_groups:
             bitconfig.tie_groups = list(resolved.tie_groups)
     check_kernels(settings.kernels)  # kernels = triton without a GPU fails before any file
-    schedule, qat_plan = build_schedule(settings, bitconfig, cost, workload)
+    schedule, qat_plan = build_schedule(settings, bitconfig, cost, workload,
+                                        trained=init is not None)
     if rt.stop_at is not None and rt.stop_at >= schedule.total_steps:
         raise CoqatError(f"--stop-at {rt.stop_at} must be below the run's {schedule.total_steps}"
                          " steps (the schedules span all of them)")
@@ -138,7 +144,8 @@ def prepare(config: RunConfig, bits: Any = "fp") -> Prepared:
         raise CoqatError(f"batch_size {settings.batch_size} is not divisible by the"
                          f" {dist_env.world_size} processes; pick a multiple")
     return Prepared(config, resolved, workload, model, cost, bitconfig, schedule, device,
-                    method, qat_plan, data_info=data_info, cage=cage, branch=branch)
+                    method, qat_plan, data_info=data_info, cage=cage, branch=branch,
+                    init=init)
 
 
 def check_device(device: torch.device) -> None:
@@ -169,7 +176,11 @@ def bits_for(bits: Any, resolved: ResolvedSpace,
 
 
 def build_schedule(settings: TrainSettings, bitconfig: BitConfig | None, cost: CostModel,
-                   workload: Workload) -> tuple[Schedule, dict[str, Any] | None]:
+                   workload: Workload, trained: bool = False
+                   ) -> tuple[Schedule, dict[str, Any] | None]:
+    """The run's LR and phase schedule and, for ``qat_fraction = "auto"``, the planner's
+    record. ``trained``: the model starts from trained float weights (``init_from``), so
+    ``auto`` means QAT for every step: the FP phase the planner would split off is done."""
     T = settings.steps
     if bitconfig is None or not bitconfig.quantized():
         return Schedule(T, settings.warmup_steps, settings.decay_frac,
@@ -177,7 +188,11 @@ def build_schedule(settings: TrainSettings, bitconfig: BitConfig | None, cost: C
     params = {n: cost.layers[n].params for n in bitconfig.quantized()}
     mean_bits = bitconfig.mean_weight_bits(params)
     qat_plan = None
-    if settings.qat_fraction == "auto":
+    if settings.qat_fraction == "auto" and trained:
+        frac = 1.0
+        qat_plan = {"qat_fraction": 1.0, "note": "warm start from trained float weights"
+                    " (init_from): every step is QAT"}
+    elif settings.qat_fraction == "auto":
         tokens = T * settings.batch_size * workload.tokens_per_sample()
         p = plan_qat(tokens, sum(params.values()), mean_bits)
         frac = p.qat_fraction
@@ -274,6 +289,7 @@ def write_run_header(run: RunDir, prep: Prepared, command: str) -> None:
         "device": str(prep.device),
         **({"cage": prep.cage.config()} if prep.cage is not None else {}),
         **({"branch": prep.branch.to_dict()} if prep.branch is not None else {}),
+        **({"init": prep.init} if prep.init is not None else {}),
         **prep.extra_config,
     }
     run.write_json(CONFIG, cfg)
@@ -323,7 +339,8 @@ def resume(path: str | Path, progress: bool = True) -> tuple[RunDir, RunRecord]:
     config = run_config_from_json(cfg, str(run.file(CONFIG)))
     config = config.with_runtime(progress=progress)
     bitconfig = None if cfg.get("bits") == "fp" else BitConfig.load(run.file(BITCONFIG))
-    prep = prepare(config, bits=bitconfig)
+    init = cfg.get("init") if isinstance(cfg.get("init"), dict) else {}
+    prep = prepare(config, bits=bitconfig, init_sha256=init.get("weights_sha256"))
     if cfg.get("method"):
         prep.method = str(cfg["method"])
     # a search's final QAT keeps its search record when resumed
