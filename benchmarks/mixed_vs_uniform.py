@@ -52,6 +52,10 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m --budgets wa9,w4a4 \\
         --out /tmp/mvl --report-dir $OUT/report --deadline 430 \\
         --keep reports/mixed_vs_uniform/lm-2m/results.json
+    # lm-2m with every arm fine-tuned from one trained float trunk per seed (--init-from):
+    # the 8 trunks first, then the arms; a second call on the same warm machine resumes
+    python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m-ft --out /tmp/mvft \
+        --report-dir $OUT/report --deadline 430
     # the demo's own setting on 2 CPU cores (about 70 minutes; coqat demo quotes its figure)
     python benchmarks/mixed_vs_uniform.py run --preset cpu-lm-tiny --out /tmp/lt/runs \
         --report-dir reports/mixed_vs_uniform/lm-tiny
@@ -166,6 +170,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # One H100/H200, fifth workload: the byte LM sized to its corpus (lm-2m, 2.1M params,
     # each run 1500 steps x 128 x 256 bytes = 49M bytes, ~25 per parameter), from scratch
     # like lm-tiny but on 50x the bytes per parameter. 8 eager processes share the GPU.
+    # One H100/H200, lm-2m again with every arm QAT-fine-tuned from one trained float model
+    # per seed (PROTOCOL.md, "Fifth workload, amended"): the trunk is the space's own FP run
+    # (1500 steps at lr 3e-3); each arm then trains 500 QAT steps at lr 1e-3 from the
+    # trunk's weights (init_from), on the same batches. The pretrained setting, where the
+    # published gains and SmolLM2's are, and far less noise than arms from scratch.
+    "gpu-lm2m-ft": {"space": "lm-2m", "budgets": ["wa9", "w4a4"], "seeds": 8,
+                    "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
+                    "deadline": 520, "trunk": {},
+                    "options": {"steps": 500, "lr": 1e-3, "warmup_steps": 50,
+                                "qat_fraction": 1.0, "eval_every": 250,
+                                "checkpoint_every": 250, "proxy_batches": 4},
+                    "mixed": ["sensitivity", "gumbel"]},
     "gpu-lm2m": {"space": "lm-2m", "budgets": ["wa9", "w4a4", "wa12"], "seeds": 8,
                  "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
                  "deadline": 520, "options": {"proxy_batches": 4},
@@ -205,26 +221,48 @@ def arm_key(arm: str, budget: str, seed: int) -> str:
     return f"{arm}-{budget}-s{seed}"
 
 
-def plan(cfg: dict[str, Any]) -> list[tuple[str, str, int, LocalJob]]:
+def trunk_key(seed: int) -> str:
+    return f"trunk-s{seed}"
+
+
+def trunks(cfg: dict[str, Any]) -> list[LocalJob]:
+    """A preset with a ``trunk`` (settings of a float run; {} = the space's own): one float
+    run per seed, trained before any arm, whose weights every arm of that seed starts from
+    (``init_from``). No trunk: every arm trains from scratch (searches share a cached FP
+    phase)."""
+    if cfg.get("trunk") is None:
+        return []
+    opts = {"device": cfg["device"], "compile": COMPILE_FLAGS[cfg["compile"]],
+            **cfg["trunk"]}
+    return [LocalJob(trunk_key(seed), cfg["space"], {**opts, "seed": seed}, bits="fp")
+            for seed in seed_range(cfg)]
+
+
+def plan(cfg: dict[str, Any], out: Path | None = None) -> list[tuple[str, str, int, LocalJob]]:
     """(arm, budget, seed, job), seed-major (a deadline leaves whole seeds), searches first
-    within a seed (they train the seed's FP phase, which the others then reuse)."""
+    within a seed (they train the seed's FP phase, which the others then reuse). With a
+    trunk (``trunks``), every job starts from its seed's trunk under ``out``."""
     opts = {"device": cfg["device"], "compile": COMPILE_FLAGS[cfg["compile"]],
             **cfg.get("options", {})}
-    out = []
+    if cfg.get("trunk") is not None and out is None:
+        raise ValueError("a preset with a trunk plans its arms under an output directory")
+    jobs = []
     for seed in seed_range(cfg):
         o = {**opts, "seed": seed}
+        if cfg.get("trunk") is not None:
+            o["init_from"] = str(Path(out).resolve() / trunk_key(seed))
         for budget in cfg["budgets"]:
             for m in mixed_arms(cfg):
                 method, extra = ARMS[m]
-                out.append((m, budget, seed, LocalJob(arm_key(m, budget, seed), cfg["space"],
-                                                      {**o, **extra}, budget=budget,
-                                                      method=method, target=cfg.get("target"))))
+                jobs.append((m, budget, seed, LocalJob(arm_key(m, budget, seed), cfg["space"],
+                                                       {**o, **extra}, budget=budget,
+                                                       method=method, target=cfg.get("target"))))
         for budget in cfg["budgets"]:
             for w, a in uniform_pairs(cfg["space"], budget, cfg.get("target")):
                 arm = f"w{w}a{a}"
-                out.append((arm, budget, seed, LocalJob(arm_key(arm, budget, seed),
-                                                        cfg["space"], o, bits=arm)))
-    return out
+                jobs.append((arm, budget, seed, LocalJob(arm_key(arm, budget, seed),
+                                                         cfg["space"], o, bits=arm)))
+    return jobs
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,7 +281,7 @@ def loss_curve(run_dir: str | Path, metric: str, every: int = 50) -> dict[str, l
 
 def collect(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     """Every finished run of the plan as a row (read back from the run directories)."""
-    planned = plan(cfg)
+    planned = plan(cfg, out)
     rows = []
     for (arm, budget, seed, job), o in zip(planned, read_finished([p[3] for p in planned], out)):
         if not o.ok:
@@ -261,6 +299,8 @@ def collect(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                      "curve": loss_curve(o.run_dir, r.metric_name),
                      "fp_curve": (loss_curve(s.fp_phase["cache"], r.metric_name)
                                   if s and (s.fp_phase or {}).get("cache") else None),
+                     "init_sha256": (RunDir(o.run_dir).read_json("config.json").get("init")
+                                     or {}).get("weights_sha256"),
                      "run_dir": o.run_dir})
     return {"preset": cfg, "rows": rows}
 
@@ -307,9 +347,15 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
         # and each mixed arm is compared on those of them where it finished too
         seeds = sorted(set.intersection(*(set(by_arm.get(a, ())) for a in planned
                                           if a not in mixed)))
+        trunk_sha: dict[int, set] = {}
+        for r in here:
+            if r.get("init_sha256"):
+                trunk_sha.setdefault(r["seed"], set()).add(r["init_sha256"])
         entry: dict[str, Any] = {"mean_wa": x, "arms": arms, "seeds_complete": seeds,
                                  "not_finished": missing,
                                  "over_budget": [r["arm"] for r in over],
+                                 "trunk_mismatch": sorted(k for k, v in trunk_sha.items()
+                                                          if len(v) > 1),
                                  "fp": seed_summary({r["seed"]: r["fp_metric"] for r in here
                                                      if r["fp_metric"] is not None}.values()
                                                     ).__dict__}
@@ -413,6 +459,9 @@ def readme(results: dict[str, Any], report_dir: Path) -> str:
                                   for a, k in e["not_finished"].items()) + ".", ""]
         if e["over_budget"]:
             lines += [f"**Over budget (a bug): {', '.join(e['over_budget'])}**", ""]
+        if e.get("trunk_mismatch"):
+            lines += ["**Arms of one seed started from different trunks (a bug; those pairs"
+                      f" are not paired): seeds {e['trunk_mismatch']}**", ""]
         lines += [f"| arm | mean w*a | {name} mean | sd | n | seed-to-seed config distance |",
                   "|---|---|---|---|---|---|"]
         for arm, a in e["arms"].items():
@@ -460,6 +509,14 @@ def kept_rows(cfg: dict[str, Any], keep: Path | None) -> list[dict[str, Any]]:
     return [{**r, "kept_from": r.get("kept_from") or str(keep)} for r in old["rows"]]
 
 
+def orphaned(cfg: dict[str, Any], kept: list[dict[str, Any]], out: Path) -> set[int]:
+    """Seeds with kept runs whose trunk is not under ``out`` (another machine trained it):
+    they get no new runs. A trunk trained again on a GPU is not bit for bit the old one,
+    and the arms of one seed must share their starting weights for the pairing to hold."""
+    return {r["seed"] for r in kept} - {s for s in seed_range(cfg)
+                                        if RunDir(out / trunk_key(s)).finished}
+
+
 def subset(cfg: dict[str, Any], budgets: str | None, arms: str | None) -> dict[str, Any]:
     """The preset cut to some of its budgets and mixed arms (``--budgets``, ``--arms``); the
     full lists stay in ``cfg["planned"]`` so the report says what the protocol still owes."""
@@ -482,7 +539,14 @@ def run(cfg: dict[str, Any], out: Path, report_dir: Path, keep: Path | None = No
     t0 = time.monotonic()
     kept = kept_rows(cfg, keep)
     done = {(r["arm"], r["budget"], r["seed"]) for r in kept}
-    planned = [p for p in plan(cfg) if p[:3] not in done]
+    planned = [p for p in plan(cfg, out) if p[:3] not in done]
+    if cfg.get("trunk") is not None:
+        lost = orphaned(cfg, kept, out)
+        if any(p[2] in lost for p in planned):
+            print(f"seeds {sorted(lost)}: their trunks are not under {out}; their missing"
+                  " runs are not run (they would start from other weights)",
+                  file=sys.stderr, flush=True)
+        planned = [p for p in planned if p[2] not in lost]
     prev = keep if keep is not None else report_dir / "results.json"
     spent = read_json(prev).get("wall_s", 0.0) if prev.exists() else 0.0
 
@@ -503,6 +567,14 @@ def run(cfg: dict[str, Any], out: Path, report_dir: Path, keep: Path | None = No
             except Exception as e:  # noqa: BLE001 - reported, and the final save() raises
                 print(f"report not written: {type(e).__name__}: {e}", file=sys.stderr)
 
+    need = {seed for _, _, seed, _ in planned}
+    todo = [j for j, seed in zip(trunks(cfg), seed_range(cfg)) if seed in need]
+    if todo:      # every trunk first (all at once): the arms of a seed start from its trunk
+        print(f"{len(todo)} trunks under {out}", file=sys.stderr, flush=True)
+        run_local(todo, out, workers=cfg["workers"], threads=cfg["threads"],
+                  deadline=t0 + cfg["deadline"] if cfg.get("deadline") else None,
+                  keep_going=True, drop_checkpoints=True,
+                  on_outcome=lambda o: print(o.describe(), file=sys.stderr, flush=True))
     print(f"{len(planned)} runs under {out}", file=sys.stderr, flush=True)
     # a finished run is read back, never resumed, so its checkpoint goes (SmolLM2's weights
     # and optimizer state are 1.6 GB a run, and a grid has dozens of runs)

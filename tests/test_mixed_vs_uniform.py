@@ -249,3 +249,32 @@ def test_a_runs_curve_keeps_every_nth_train_step_the_last_and_each_evaluation(mv
     assert curve["val"] == [[60, 2.94], [120, 2.88]]
     assert mvu.loss_curve(tmp_path, "val_acc")["val"] == []
     assert mvu.loss_curve(tmp_path / "absent", "val_loss") == {"train": [], "val": []}
+
+
+def test_a_trunk_preset_starts_every_arm_of_a_seed_from_its_trunk(mvu, tmp_path):
+    """One float trunk per seed, then every arm QAT-trained from its weights: the rows say
+    which weights they started from, and a seed whose trunk is on another machine gets no
+    new runs (they would not be paired)."""
+    cfg = {"space": LM_MICRO, "budgets": ["wa9"], "seeds": 1, "device": "cpu",
+           "compile": "off", "workers": 1, "threads": 1, "deadline": None,
+           "trunk": {"steps": 6}, "mixed": ["sensitivity"],
+           "options": {"steps": 3, "eval_every": 3, "checkpoint_every": 3,
+                       "proxy_batches": 1}}
+    out, report = tmp_path / "runs", tmp_path / "report"
+    mvu.run(mvu.subset(cfg, None, None), out, report)
+    res = json.loads((report / "results.json").read_text())
+    trunk = out / mvu.trunk_key(0)
+    from coqat.records import RunRecord
+    from coqat.rundir import RunDir
+    from coqat.util import sha256_file
+    sha = sha256_file(trunk / "model.safetensors")
+    assert {r["arm"] for r in res["rows"]} == {"sensitivity", "w2a4"}
+    assert all(r["init_sha256"] == sha for r in res["rows"])
+    search = next(r for r in res["rows"] if r["arm"] == "sensitivity")
+    assert search["fp_metric"] == RunRecord.read(RunDir(trunk)).metric
+    assert search["fp_curve"]["val"]                  # the trunk's own curve
+    assert res["analysis"]["wa9"]["trunk_mismatch"] == []
+    # another machine: the kept rows stay, nothing of seed 0 is planned again
+    kept = mvu.kept_rows(cfg, report / "results.json")
+    assert mvu.orphaned(cfg, kept, tmp_path / "elsewhere") == {0}
+    assert mvu.orphaned(cfg, kept, out) == set()
