@@ -182,6 +182,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                                 "qat_fraction": 1.0, "eval_every": 250,
                                 "checkpoint_every": 250, "proxy_batches": 4},
                     "mixed": ["sensitivity", "gumbel"]},
+    # a diagnostic of gpu-lm2m-ft's control (PROTOCOL.md): the same runs plus random configs
+    "gpu-lm2m-ft-random": {"space": "lm-2m", "budgets": ["wa9", "w4a4"], "seeds": 8,
+                           "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
+                           "deadline": 520, "trunk": {},
+                           "options": {"steps": 500, "lr": 1e-3, "warmup_steps": 50,
+                                       "qat_fraction": 1.0, "eval_every": 250,
+                                       "checkpoint_every": 250, "proxy_batches": 4},
+                           "mixed": ["sensitivity", "gumbel", "random"]},
     "gpu-lm2m": {"space": "lm-2m", "budgets": ["wa9", "w4a4", "wa12"], "seeds": 8,
                  "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
                  "deadline": 520, "options": {"proxy_batches": 4},
@@ -517,6 +525,18 @@ def orphaned(cfg: dict[str, Any], kept: list[dict[str, Any]], out: Path) -> set[
                                         if RunDir(out / trunk_key(s)).finished}
 
 
+def covered(cfg: dict[str, Any], kept: list[dict[str, Any]]) -> dict[str, Any]:
+    """The preset as a results file names it: this call's budgets and mixed arms and those
+    of the rows it keeps, in the protocol's order. A call that ran only the Gumbel arms on
+    top of a kept file of sensitivity arms reports both, not the Gumbel arms alone."""
+    planned = cfg.get("planned", {})
+    budgets = set(cfg["budgets"]) | {r["budget"] for r in kept}
+    arms = set(mixed_arms(cfg)) | {r["arm"] for r in kept}
+    return {**cfg,
+            "budgets": [b for b in planned.get("budgets", cfg["budgets"]) if b in budgets],
+            "mixed": [m for m in planned.get("mixed", mixed_arms(cfg)) if m in arms]}
+
+
 def subset(cfg: dict[str, Any], budgets: str | None, arms: str | None) -> dict[str, Any]:
     """The preset cut to some of its budgets and mixed arms (``--budgets``, ``--arms``); the
     full lists stay in ``cfg["planned"]`` so the report says what the protocol still owes."""
@@ -552,6 +572,7 @@ def run(cfg: dict[str, Any], out: Path, report_dir: Path, keep: Path | None = No
 
     def save() -> None:
         res = collect(cfg, out)
+        res["preset"] = covered(cfg, kept)
         new = {(r["arm"], r["budget"], r["seed"]) for r in res["rows"]}
         res["rows"] = [r for r in kept if (r["arm"], r["budget"], r["seed"]) not in new] \
             + res["rows"]

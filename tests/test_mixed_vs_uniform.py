@@ -147,6 +147,12 @@ def test_a_call_can_run_a_subset_and_the_report_names_what_is_owed(mvu):
     assert "not yet run budgets w4a4; mixed arms gumbel" in page
     assert "not yet run" not in mvu.readme({**res, "preset": mvu.subset(cfg, None, None)},
                                            ROOT / "reports")
+    # a later call of the Gumbel arms alone, on top of a kept file: the file names both
+    later = mvu.subset(cfg, None, "gumbel")
+    kept = [{"arm": "sensitivity", "budget": "w4a4"}, {"arm": "w4a4", "budget": "w4a4"}]
+    both = mvu.covered(later, kept)
+    assert both["mixed"] == ["sensitivity", "gumbel"] and both["budgets"] == ["w4a4", "w8a8"]
+    assert mvu.covered(later, [])["mixed"] == ["gumbel"]
 
 
 def test_the_primary_verdict_waits_for_every_planned_seed(mvu):
