@@ -101,3 +101,17 @@ def test_refusals_are_one_line(runs, trunk, tmp_path):
     (damaged / "model.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(CoqatError, match="unreadable"):
         coqat.train(LM_MICRO, "w4a4", out=str(runs), progress=False, init_from=str(damaged))
+
+
+def test_a_search_whose_config_is_uniform_ends_where_train_of_those_bits_does(runs, trunk):
+    """The arms of a paired grid differ in their bits and nothing else: a search that ends at
+    uniform w8a8 (the only config at that budget) trains it exactly as `train --bits w8a8`
+    does from the same weights and seed: same batches, same steps, same metric, same
+    weights. A gap here would be a bias of the pipeline, not a gain of an allocation."""
+    kw = dict(out=str(runs), progress=False, steps=5, init_from=trunk.run_dir, seed=3)
+    (found,) = coqat.search(LM_MICRO, "w8a8", "sensitivity", **kw)
+    assert set(found.search.assignment["w"]) == {8} and set(found.search.assignment["a"]) == {8}
+    plain = coqat.train(LM_MICRO, "w8a8", **kw)
+    assert found.metric == plain.metric
+    a, b = RunDir(found.run_dir).load_weights(), RunDir(plain.run_dir).load_weights()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
