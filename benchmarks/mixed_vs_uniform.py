@@ -167,6 +167,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "threads": 1, "deadline": None, "target": "onnx",
                         "options": {"steps": 200, "fp_steps": 200, "search_steps": 100},
                         "mixed": ["gumbel"], "primary": "gumbel"},
+    # lm-tiny at the demo's step counts, but every arm fine-tuned from one trained float
+    # model per seed at a third of the learning rate, as gpu-lm2m-ft (PROTOCOL.md)
+    "cpu-lm-tiny-ft": {"space": "lm-tiny", "budgets": ["wa9", "w4a4"], "seeds": 8,
+                       "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
+                       "deadline": None, "target": "onnx", "trunk": {"steps": 200},
+                       "options": {"steps": 200, "lr": 1e-3, "warmup_steps": 20,
+                                   "qat_fraction": 1.0},
+                       "mixed": ["sensitivity", "sensitivity-monotone"]},
     # One H100/H200, fifth workload: the byte LM sized to its corpus (lm-2m, 2.1M params,
     # each run 1500 steps x 128 x 256 bytes = 49M bytes, ~25 per parameter), from scratch
     # like lm-tiny but on 50x the bytes per parameter. 8 eager processes share the GPU.
