@@ -186,6 +186,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # One H100/H200, fifth workload: the byte LM sized to its corpus (lm-2m, 2.1M params,
     # each run 1500 steps x 128 x 256 bytes = 49M bytes, ~25 per parameter), from scratch
     # like lm-tiny but on 50x the bytes per parameter. 8 eager processes share the GPU.
+    "gpu-lm2m": {"space": "lm-2m", "budgets": ["wa9", "w4a4", "wa12"], "seeds": 8,
+                 "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
+                 "deadline": 520, "options": {"proxy_batches": 4},
+                 "mixed": ["sensitivity", "gumbel"]},
     # One H100/H200, lm-2m again with every arm QAT-fine-tuned from one trained float model
     # per seed (PROTOCOL.md, "Fifth workload, amended"): the trunk is the space's own FP run
     # (1500 steps at lr 3e-3); each arm then trains 500 QAT steps at lr 1e-3 from the
@@ -198,18 +202,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                                 "qat_fraction": 1.0, "eval_every": 250,
                                 "checkpoint_every": 250, "proxy_batches": 4},
                     "mixed": ["sensitivity", "gumbel"]},
-    # a diagnostic of gpu-lm2m-ft's control (PROTOCOL.md): the same runs plus random configs
-    "gpu-lm2m-ft-random": {"space": "lm-2m", "budgets": ["wa9", "w4a4"], "seeds": 8,
-                           "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
-                           "deadline": 520, "trunk": {},
-                           "options": {"steps": 500, "lr": 1e-3, "warmup_steps": 50,
-                                       "qat_fraction": 1.0, "eval_every": 250,
-                                       "checkpoint_every": 250, "proxy_batches": 4},
-                           "mixed": ["sensitivity", "gumbel", "random"]},
-    "gpu-lm2m": {"space": "lm-2m", "budgets": ["wa9", "w4a4", "wa12"], "seeds": 8,
-                 "device": "cuda", "compile": "off", "workers": 8, "threads": 2,
-                 "deadline": 520, "options": {"proxy_batches": 4},
-                 "mixed": ["sensitivity", "gumbel"]},
     # toy size on the CPU: every arm of 2 seeds at 3 steps
     "smoke": {"space": "minilm-topics", "budgets": ["wa9", "w4a4"], "seeds": 2,
               "device": "cpu", "compile": "off", "workers": 2, "threads": 1,
@@ -217,6 +209,9 @@ PRESETS: dict[str, dict[str, Any]] = {
               "options": {"steps": 3, "fp_steps": 3, "search_steps": 2, "warmup_steps": 1,
                           "eval_every": 3, "checkpoint_every": 3, "proxy_batches": 1}},
 }
+# a diagnostic of gpu-lm2m-ft's control (PROTOCOL.md): the same grid plus random configs
+PRESETS["gpu-lm2m-ft-random"] = {**PRESETS["gpu-lm2m-ft"],
+                                 "mixed": ["sensitivity", "gumbel", "random"]}
 
 _MEAN = re.compile(r"^wa(\d+(?:\.\d*)?)$")
 _PAIR = re.compile(r"^w(\d+)a(\d+)$")
