@@ -56,11 +56,11 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     # the 8 trunks first, then the arms; a second call on the same warm machine resumes
     python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m-ft --out /tmp/mvft \\
         --report-dir $OUT/report --deadline 430
-    # its control's diagnostic: random configs at w4a4 on top of the kept grid (seeds whose
-    # trunks are under --out; the others are left as they are)
-    python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m-ft-random --arms random \\
-        --budgets w4a4 --out /tmp/mvft --report-dir $OUT/report \\
-        --keep reports/mixed_vs_uniform/lm-2m-ft/results.json
+    # its control's diagnostic: random configs and the sensitivity arm at w4a4, with the
+    # uniform arms run again beside them on one machine, seeds 2-6 (trunks under --out)
+    python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m-ft-random \\
+        --arms random,sensitivity --budgets w4a4 --seeds 5 --first-seed 2 \\
+        --out /tmp/mvft --report-dir $OUT/report
     # the demo's own setting on 2 CPU cores (about 70 minutes; coqat demo quotes its figure)
     python benchmarks/mixed_vs_uniform.py run --preset cpu-lm-tiny --out /tmp/lt/runs \\
         --report-dir reports/mixed_vs_uniform/lm-tiny
@@ -714,7 +714,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--preset", choices=sorted(PRESETS), required=True)
     r.add_argument("--out", required=True, type=Path)
     r.add_argument("--report-dir", required=True, type=Path)
-    r.add_argument("--seeds", type=int, default=None)
+    r.add_argument("--seeds", type=int, default=None, help="how many seeds")
+    r.add_argument("--first-seed", type=int, default=None, help="the first of them")
     r.add_argument("--workers", type=int, default=None)
     r.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     r.add_argument("--deadline", type=float, default=None)
@@ -746,7 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.cmd == "run":
         cfg = dict(PRESETS[args.preset])
-        for k in ("seeds", "workers", "threads", "deadline"):
+        for k in ("seeds", "first_seed", "workers", "threads", "deadline"):
             if getattr(args, k) is not None:
                 cfg[k] = getattr(args, k)
         if args.data_dir:
