@@ -773,19 +773,25 @@ def plan(
 @app.command()
 def demo(
     out: OutOpt = "runs",
-    steps: Annotated[Optional[int], typer.Option("--steps", help="steps per phase (default"
-                                                 " 200)")] = None,
-    budget: Annotated[str, typer.Option("--budget", help="BOPs budget of the search")] = "w4a4",
-    target: Annotated[str, typer.Option(
+    setting: Annotated[Optional[str], typer.Option(
+        "--setting", help="lm-tiny (the CPU default: the pipeline, where no gain is shown) |"
+        " lm-2m-ft (where mixed precision is shown to win; a GPU, ~2 min on an H100;"
+        " the default where CUDA is visible)")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help="QAT steps (default: lm-tiny 200 per phase, lm-2m-ft 500 after a"
+        " float model of 3x as many)")] = None,
+    budget: Annotated[Optional[str], typer.Option(
+        "--budget", help="BOPs budget of the search (default: lm-tiny w4a4, lm-2m-ft"
+        " wa9)")] = None,
+    target: Annotated[Optional[str], typer.Option(
         "--target", help="search only what this runtime serves: onnx | vllm | torchao | json"
-        " (json: anything coqat trains)")] = "onnx",
+        " (json: anything coqat trains; default: lm-tiny onnx, lm-2m-ft json)")] = None,
 ) -> None:
-    """The embedded default end to end on the CPU: count BOPs, search per-layer bits for a
-    budget, train uniform precision at equal BOPs, compare, write the report and the config."""
+    """The embedded default end to end: count BOPs, search per-layer bits for a budget,
+    train uniform precision at equal BOPs, compare, write the report and the config."""
     from coqat.demo import run_demo
 
-    run_demo(console, out=out, steps=steps, budget=budget,
-             target=None if target == "json" else target)
+    run_demo(console, out=out, steps=steps, budget=budget, target=target, setting=setting)
 
 
 # ------------------------------------------------------------------------------ the errors

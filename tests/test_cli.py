@@ -155,7 +155,15 @@ def test_demo_runs_search_uniform_report_and_export_end_to_end(tmp_path):
         final = json.loads((d / "final.json").read_text())
         assert final["achieved_bops"] <= final["budget_bops"]
     assert list(demo.glob("*-gumbel-*/exports/json/bitconfig.json"))
-    assert "searched, mixed" in proc.stdout and "uniform w4a4" in proc.stdout
+    assert "mixed, gumbel" in proc.stdout and "uniform w4a4" in proc.stdout
+    # on the CPU the demo points to the setting where the grids show a gain
+    assert "coqat demo --setting lm-2m-ft" in proc.stdout
+
+
+def test_demo_names_its_settings_on_a_bad_one(tmp_path):
+    proc = run_cli("demo", "--setting", "lm-9", "--out", str(tmp_path))
+    assert_one_line_error(proc, "unknown demo setting 'lm-9'; choose one of lm-tiny, lm-2m-ft")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_torchrun_worker_ends_with_os_exit_after_the_atexit_handlers(monkeypatch):
