@@ -38,6 +38,9 @@ _GRIDS = Path("reports") / "mixed_vs_uniform"
 #: the paired figures printed beside the demo's single seed
 REFERENCES = tuple(_GRIDS / name / "results.json" for name in ("lm-tiny", "lm-tiny-rep"))
 
+__all__ = ["run_demo", "DEMO_STEPS", "SETTINGS", "Setting", "default_setting",
+           "reference_figure", "reference_figures"]
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -87,10 +90,6 @@ def trunk_options(steps: int) -> dict[str, int]:
     tenth, evaluated and checkpointed every ``steps`` (at 500: lm-2m's own 1500, 150, 500)."""
     return {"steps": 3 * steps, "warmup_steps": max(1, 3 * steps // 10),
             "eval_every": steps, "checkpoint_every": steps}
-
-
-__all__ = ["run_demo", "DEMO_STEPS", "SETTINGS", "Setting", "default_setting",
-           "reference_figure", "reference_figures"]
 
 
 def default_setting() -> str:
@@ -154,7 +153,7 @@ def run_demo(console, out: str = "runs", steps: int | None = None, budget: str |
         say(ref)
     if not st.trunk:   # where the grids show a gain, and how to run it
         win = SETTINGS["lm-2m-ft"]
-        for ref in reference_figures(win.budget, win.steps, win.target, setting=win):
+        for ref in reference_figures(win.budget, None, win.target, setting=win):
             say(f"Where mixed precision is shown to win: {ref} That setting needs a GPU:"
                 f" coqat demo --setting {win.name}.")
     _, files = api.report(root)
@@ -265,10 +264,11 @@ def _print_table(console, st: Setting, results: dict[str, RunRecord], budget: st
     console.print(table)
 
 
-def reference_figures(budget: str, steps: int = DEMO_STEPS, target: str | None = "onnx",
-                      setting: Setting | None = None) -> list[str]:
+def reference_figures(budget: str, steps: int | None = DEMO_STEPS,
+                      target: str | None = "onnx", setting: Setting | None = None) -> list[str]:
     """The paired figure of every committed grid of ``setting`` (default lm-tiny) that ran
-    ``budget`` (none in an installed package without reports)."""
+    ``budget`` (none in an installed package without reports; ``steps`` None: quoted from
+    another setting's run)."""
     st = setting or SETTINGS["lm-tiny"]
     root = spaces_dir().parent
     return [f for f in (reference_figure(budget, root / p, steps, target, label=p.parent,
@@ -276,7 +276,7 @@ def reference_figures(budget: str, steps: int = DEMO_STEPS, target: str | None =
                         for p in st.references) if f]
 
 
-def reference_figure(budget: str, path: Path, steps: int = DEMO_STEPS,
+def reference_figure(budget: str, path: Path, steps: int | None = DEMO_STEPS,
                      target: str | None = "onnx", label: Path | None = None,
                      arm: str = "gumbel") -> str | None:
     """One committed grid's paired figure for the demo's method (``arm``) vs the best
