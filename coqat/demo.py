@@ -1,9 +1,12 @@
 """``coqat demo``: the embedded default end to end, composed from the public API.
 
-Counts BOPs, searches per-layer bits for a BOPs budget (FP phase, Gumbel search, final QAT)
-restricted to what a deployment target serves (ONNX by default), trains uniform precision at
-equal BOPs with the identical final QAT, compares both with the FP phase, says how much one
-seed can tell, and writes the HTML report, the JSON config and the ONNX export.
+Counts BOPs, picks per-layer bits for a BOPs budget, trains uniform precision at equal BOPs
+with the identical final QAT, compares both with the float model, says how much one seed
+can tell (and quotes the committed paired grid of its setting), and writes the HTML report
+and the JSON config. Two settings (``SETTINGS``): ``lm-tiny`` on the CPU (FP phase, Gumbel
+search restricted to what ONNX serves, final QAT, all from scratch) and ``lm-2m-ft`` on a
+GPU (a float model, then the sensitivity config and the best uniform one fine-tuned from
+it: where the grids show mixed precision winning).
 
 Progress: a line per phase with the time elapsed and an estimate of what is left, measured
 from the steps done so far (the training bars show each phase's own steps and its final
