@@ -704,3 +704,31 @@ def test_a_checkpoint_that_does_not_match_the_config_is_a_one_line_error(digits_
     save_file(state, str(run2 / "model.safetensors"))
     assert_one_line_error(run_cli("export", str(run2), "--format", "json"),
                           "qparams.safetensors does not match model.safetensors")
+
+
+def test_weight_codes_of_a_module_on_any_device_come_back_on_the_cpu():
+    """The codes and steps every export and qparams.safetensors use are the CPU's (exactly
+    rounded rotation) whatever device the module is on; here the CPU, below on a GPU."""
+    from coqat.quant import QuantLinear
+
+    torch.manual_seed(0)
+    m = QuantLinear.from_float(torch.nn.Linear(64, 8), 4, 4, "quest")
+    lc = weight_codes(m, "m")
+    assert lc.codes.device.type == "cpu" and lc.step.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_run_trained_on_a_gpu_exports_its_config(tmp_path):
+    """A QAT run on CUDA writes qparams.safetensors from its weights; the export (on the
+    CPU) recomputes and checks them. Before the steps were computed on the CPU, the GPU's
+    float32 rotation sums made the check fail on every GPU run (the lm-2m demo, 2026-12-07)."""
+    from coqat import api
+
+    rec = api.train(LM_MICRO, "w4a4", out=str(tmp_path), steps=4, device="cuda",
+                    eval_every=4, checkpoint_every=4, progress=False)
+    out = api.export(rec.run_dir, "json")
+    assert (Path(out.out_dir) / "bitconfig.json").is_file()
+    model = load_run(rec.run_dir).model            # loads and checks the qparams again
+    _, m = quantized_modules(model)[0]
+    assert weight_codes(m.cuda(), "m").step.device.type == "cpu"

@@ -101,12 +101,18 @@ def weight_codes(m: QuantLinear | QuantConv2d, fqn: str = "layer") -> LayerCodes
     reduction dim, quantize rows; for convs the rows are (kh, kw, Cin) flattened per output
     channel and the codes are permuted back to (Cout, Cin, kh, kw).
     ``dequantize_codes(weight_codes(m))`` is bit-identical to the forward's weight.
+
+    Computed on the CPU whatever device ``m`` is on: the CPU rotation sums exactly (one
+    rounding), the definition every export and ``qparams.safetensors`` share, so a run
+    trained on a GPU writes the steps an export on the CPU recomputes. A GPU forward sums in
+    float32 and may differ from these codes by one step at rounding ties (the contract in
+    ``coqat.quant.hadamard``).
     """
     _check_half(m, fqn)
     if m.w_bits == FLOAT_BITS:
         raise CoqatError(f"{fqn} has float weights; it has no codes")
     with torch.no_grad():
-        w = m.weight.detach().to(torch.float32)
+        w = m.weight.detach().to("cpu", torch.float32)
         if isinstance(m, QuantConv2d):
             w = w.permute(0, 2, 3, 1)
         r = hadamard_transform(w, m.w_block) if m.w_block > 1 else w
@@ -138,7 +144,7 @@ def rotated_float_weight(m: QuantLinear | QuantConv2d) -> torch.Tensor:
     """The float weight in the rotated basis (for a half-form layer with float weights and
     quantized activations); the forward computes the same tensor."""
     with torch.no_grad():
-        w = m.weight.detach().to(torch.float32)
+        w = m.weight.detach().to("cpu", torch.float32)      # on the CPU: see weight_codes
         if m.w_block <= 1:
             return w.clone()
         if isinstance(m, QuantConv2d):
@@ -199,7 +205,7 @@ def qparams_tensors(model: nn.Module, bitconfig: BitConfig
     for fqn, m in _quant_layers(model, bitconfig):
         layers[fqn] = layer_info(m, fqn)
         if m.w_bits != FLOAT_BITS:
-            tensors[f"{fqn}.weight_step"] = weight_codes(m, fqn).step.cpu()
+            tensors[f"{fqn}.weight_step"] = weight_codes(m, fqn).step
     return tensors, layers
 
 
