@@ -251,8 +251,8 @@ def _print_table(console, st: Setting, results: dict[str, RunRecord], budget: st
     g = results[st.method]
     fp_metric = (g.search.fp_phase or {}).get("metric") if g.search else None
     what = f"{steps} QAT steps" if st.trunk else f"{steps} steps per phase"
-    table = Table(title=Text(f"{Path(st.space).stem} at the {budget} budget: validation loss vs compute"
-                             f" ({what}, 1 seed)"), title_justify="left")
+    table = Table(title=Text(f"{Path(st.space).stem} at the {budget} budget: validation loss"
+                             f" vs compute ({what}, 1 seed)"), title_justify="left")
     for col in ("config", "val loss (nats/byte)", "GBOPs", "x budget", "% of FP32"):
         table.add_column(col, justify="left" if col == "config" else "right")
     fp32 = g.fp32_bops
