@@ -63,8 +63,8 @@ class Setting:
 
 #: ``lm-tiny``: the CPU default, from scratch (the grids there show no gain: the demo shows
 #: the pipeline). ``lm-2m-ft``: where the report shows mixed precision winning (lm-2m, 2.1M
-#: parameters, fine-tuned from a trained float model; mean w*a 9): a GPU setting (about 2
-#: minutes on one H100), the settings of benchmarks/mixed_vs_uniform.py --preset
+#: parameters, fine-tuned from a trained float model; mean w*a 9): a GPU setting (~90 s
+#: on one H100, reports/demo.md), the settings of benchmarks/mixed_vs_uniform.py --preset
 #: gpu-lm2m-ft (a test pins them equal): the trunk is the space's own float run, then the
 #: sensitivity arm (the table read raw, as the grid's arm) and uniform w2a4 train 500 QAT
 #: steps from it on the same batches.
