@@ -56,11 +56,11 @@ Budgets are written ``waX``: the MAC-weighted mean w_bits x a_bits of the quanti
     # the 8 trunks first, then the arms; a second call on the same warm machine resumes
     python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m-ft --out /tmp/mvft \\
         --report-dir $OUT/report --deadline 430
-    # its control's diagnostic: random configs and the sensitivity arm at w4a4, with the
-    # uniform arms run again beside them on one machine, seeds 2-6 (trunks under --out)
+    # its control's diagnostic: random configs at w4a4, with the uniform arms run again
+    # beside them on one machine, seeds 2-6 (their trunks under --out)
     python benchmarks/mixed_vs_uniform.py run --preset gpu-lm2m-ft-random \\
-        --arms random,sensitivity --budgets w4a4 --seeds 5 --first-seed 2 \\
-        --out /tmp/mvft --report-dir $OUT/report
+        --arms random --budgets w4a4 --seeds 5 --first-seed 2 \\
+        --out /tmp/mvft --report-dir $OUT/report --deadline 200
     # the demo's own setting on 2 CPU cores (about 70 minutes; coqat demo quotes its figure)
     python benchmarks/mixed_vs_uniform.py run --preset cpu-lm-tiny --out /tmp/lt/runs \\
         --report-dir reports/mixed_vs_uniform/lm-tiny

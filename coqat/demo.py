@@ -176,10 +176,11 @@ def run_demo(console, out: str = "runs", steps: int | None = None, budget: str |
     return results
 
 
-def _phase_notes(say, phase_units: dict[str, float]):
-    """A progress clock and the ``say`` callback of the pipeline: each phase note closes
-    the previous phase and starts a new one (``phase_units``: its cost by note prefix)."""
-    clock = _Clock(sum(phase_units.values()))
+def _phase_notes(say, phase_units: dict[str, float], total: float):
+    """A progress clock over ``total`` units and the ``say`` callback of the pipeline: each
+    phase note closes the previous phase and starts a new one (``phase_units``: its cost by
+    note prefix)."""
+    clock = _Clock(total)
     pending: list[float] = []
 
     def note(msg: str) -> None:
@@ -201,11 +202,11 @@ def _run_from_scratch(st: Setting, say, root: Path, steps: int, budget: str,
     """lm-tiny: the search (FP phase, search, final QAT) and uniform precision, each
     trained from scratch; the FP phase is shared through its cache."""
     search_steps = max(1, steps // 2)
-    qat = _PHASE_COST["qat"] * steps
-    clock, note, close = _phase_notes(say, {
-        "FP phase": _PHASE_COST["fp"] * steps,
-        "search:": _PHASE_COST["search"] * search_steps, "final QAT": qat})
-    clock.total += qat        # two final QATs: the search's and the uniform baseline's
+    units = {"FP phase": _PHASE_COST["fp"] * steps,
+             "search:": _PHASE_COST["search"] * search_steps,
+             "final QAT": _PHASE_COST["qat"] * steps}
+    # two final QATs: the search's and the uniform baseline's
+    clock, note, close = _phase_notes(say, units, sum(units.values()) + units["final QAT"])
     results: dict[str, RunRecord] = {}
     for method in (st.method, "uniform"):
         say(f"{method} at budget {budget}" + (f" (what {target} serves)" if target else ""),
@@ -226,14 +227,13 @@ def _run_trunk_and_arms(st: Setting, say, root: Path, steps: int, budget: str,
     trunk_steps = 3 * steps
     # on one H100 (reports/demo.md) a float step of lm-2m took 0.3 of an eager QAT step and
     # the sensitivity table 4 s against 22 s for a 500-step fine-tune
-    clock, note, close = _phase_notes(say, {
-        "float trunk": 0.3 * trunk_steps, "sensitivity:": 0.1 * steps,
-        "final QAT": _PHASE_COST["qat"] * steps})
-    clock.total += _PHASE_COST["qat"] * steps
+    units = {"float trunk": 0.3 * trunk_steps, "sensitivity:": 0.1 * steps,
+             "final QAT": _PHASE_COST["qat"] * steps}
+    clock, note, close = _phase_notes(say, units, sum(units.values()) + units["final QAT"])
     trunk_opts, arm_opts = trunk_options(steps), {**st.options, **schedule_options(steps)}
     say("the float model every arm starts from", style="bold")
     note(f"float trunk: training {trunk_steps} steps")
-    shared = {k: st.options[k] for k in ("compile",) if k in st.options}
+    shared = {"compile": st.options["compile"]} if "compile" in st.options else {}
     trunk = api.train(st.space, "fp", out=str(root), **{**shared, **trunk_opts, **options})
     close()
     say(f"{st.method} and the best uniform config at budget {budget}, each fine-tuned"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -67,3 +68,17 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
     return tmp_path / "runs"
+
+
+@pytest.fixture(scope="module")
+def mvu():
+    """benchmarks/mixed_vs_uniform.py as a module (its presets, plans and statistics)."""
+    spec = importlib.util.spec_from_file_location(
+        "mixed_vs_uniform", ROOT / "benchmarks" / "mixed_vs_uniform.py")
+    mod = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = saved
+    return mod

@@ -2,7 +2,6 @@
 setting pinned to the grid whose figure it quotes, and the default per machine."""
 
 import dataclasses
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -10,19 +9,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import LM_MICRO, ROOT
+from conftest import LM_MICRO
 from coqat import demo
 from coqat.config import load_space
 from coqat.errors import CoqatError
 from coqat.rundir import RunDir
-
-
-def _grid_preset(name):
-    spec = importlib.util.spec_from_file_location(
-        "mvu_for_demo", ROOT / "benchmarks" / "mixed_vs_uniform.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.PRESETS[name]
 
 
 def test_the_trunk_setting_fine_tunes_both_arms_from_one_float_model(tmp_path):
@@ -57,10 +48,10 @@ def test_the_trunk_setting_fine_tunes_both_arms_from_one_float_model(tmp_path):
     assert "--format onnx --explain" in text
 
 
-def test_the_gpu_setting_is_the_grid_it_quotes():
+def test_the_gpu_setting_is_the_grid_it_quotes(mvu):
     """lm-2m-ft runs what benchmarks/mixed_vs_uniform.py --preset gpu-lm2m-ft ran, so its
     paired figure is this demo's setting."""
-    st, grid = demo.SETTINGS["lm-2m-ft"], _grid_preset("gpu-lm2m-ft")
+    st, grid = demo.SETTINGS["lm-2m-ft"], mvu.PRESETS["gpu-lm2m-ft"]
     assert st.space == grid["space"] and st.budget in grid["budgets"]
     assert st.method in grid["mixed"] and grid["trunk"] == {} and st.trunk
     arm = {**st.options, **demo.schedule_options(st.steps)}

@@ -3,9 +3,7 @@ on known inputs (no training)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,19 +11,6 @@ import pytest
 from conftest import LM_MICRO
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def mvu():
-    spec = importlib.util.spec_from_file_location(
-        "mixed_vs_uniform", ROOT / "benchmarks" / "mixed_vs_uniform.py")
-    mod = importlib.util.module_from_spec(spec)
-    saved = list(sys.path)
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path[:] = saved
-    return mod
 
 
 def test_uniform_arms_are_the_maximal_pairs_under_the_budget(mvu):
