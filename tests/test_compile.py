@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LM_MICRO
 from torch import nn
 
 from coqat.bitconfig import BitConfig, LayerBits
@@ -175,6 +176,27 @@ def test_qat_step_on_the_triton_kernels_compiles_without_graph_breaks():
     flat = torch.cat([g.float().flatten() for g in grads])
     flat_c = torch.cat([g.float().flatten() for g in grads_c])
     assert float((flat_c - flat).norm() / flat.norm()) < 0.15
+
+
+@GPU
+@pytest.mark.gpu
+def test_compiled_qat_run_on_cuda_graphs_trains_from_empty_constant_caches(tmp_path):
+    """``coqat train`` on one GPU compiles with CUDA graphs. The kernels' +-1 tiles are
+    cached at their first use, which is then the graph's warm-up run; made there on the
+    current stream they landed in the graph's pool and failed torch's check ("tensor(s) in
+    the cudagraph pool not tracked as outputs", every compiled QAT run on an H100)."""
+    import math
+
+    from coqat import api
+    from coqat.kernels.triton_rotate import hadamard_tile
+    from coqat.quant.hadamard import _pm1_matrix
+
+    hadamard_tile.cache_clear()
+    _pm1_matrix.cache_clear()
+    rec = api.train(LM_MICRO, "w4a4", out=str(tmp_path), steps=6, device="cuda",
+                    compile=True, eval_every=3, checkpoint_every=6, progress=False)
+    assert hadamard_tile.cache_info().currsize > 0       # the kernels made their tiles
+    assert rec.metric is not None and math.isfinite(rec.metric)
 
 
 @GPU

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from coqat.errors import CoqatError
-from coqat.quant.hadamard import hadamard_scale
+from coqat.quant.hadamard import device_constant, hadamard_scale
 
 __all__ = ["ChunkTiling", "hadamard_triton", "masked_rotate_triton", "hadamard_tile",
            "dot_dtype", "num_sms"]
@@ -140,7 +140,8 @@ def hadamard_tile(g: int, block: int, dtype: torch.dtype, device: torch.device) 
     """[g, g] block-diagonal +-1 matrix: ``g / block`` copies of the ``block`` Sylvester matrix.
 
     A constant cached per device, made on the first call of a shape; under CUDA-graph
-    capture that first call happens in the warm-up run, before capture.
+    capture that first call happens in the warm-up run, before capture, and the tensor is
+    allocated outside the graph's pool (``device_constant``).
     """
     i = torch.arange(g)
     p = i[:, None] & i[None, :] & (block - 1)
@@ -149,7 +150,7 @@ def hadamard_tile(g: int, block: int, dtype: torch.dtype, device: torch.device) 
         parity ^= p & 1
         p >>= 1
     same = (i[:, None] // block) == (i[None, :] // block)
-    return torch.where(same, 1 - 2 * parity, 0).to(dtype).to(device)
+    return device_constant(torch.where(same, 1 - 2 * parity, 0).to(dtype), device)
 
 
 class ChunkTiling:

@@ -43,6 +43,7 @@ stay free of training dependencies.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -50,7 +51,7 @@ from coqat.bitconfig import hadamard_block_for
 from coqat.errors import CoqatError
 
 __all__ = ["hadamard_transform", "hadamard_block_for", "hadamard_scale", "sylvester_matrix",
-           "hadamard_reference"]
+           "hadamard_reference", "device_constant"]
 
 
 def hadamard_scale(block: int) -> float:
@@ -71,13 +72,46 @@ def _check_block(n: int, block: int) -> int:
     return block
 
 
+def device_constant(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` copied to ``device`` for a cache of constants that live for the process.
+
+    Such a constant is made at its first use, and on CUDA that can be the warm-up run of a
+    CUDA graph (``torch.compile(mode="reduce-overhead")``, what coqat's training step uses on
+    one GPU): during it the allocations of the calling thread go to the graph's private
+    pool, and a live tensor that is not a graph output fails torch's pool check ("tensor(s)
+    in the cudagraph pool not tracked as outputs"; every compiled QAT run on an H100,
+    2026-12-07). So on CUDA the copy is made by a thread of its own, whose allocations the
+    pool does not take, and is complete when this returns.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    made: list[torch.Tensor] = []
+    failed: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            with torch.cuda.device(device):
+                out = t.to(device)
+                torch.cuda.current_stream(device).synchronize()
+            made.append(out)
+        except BaseException as e:             # re-raised in the caller's thread
+            failed.append(e)
+
+    worker = threading.Thread(target=copy, name="coqat-device-constant")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return made[0]
+
+
 @functools.lru_cache(maxsize=64)
 def _pm1_matrix(block: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The +-1 Sylvester matrix in ``dtype`` on ``device``; a constant, built once."""
     h = torch.ones(1, 1, dtype=dtype)
     while h.shape[0] < block:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h.to(device)
+    return device_constant(h, device)
 
 
 def sylvester_matrix(block: int, device: str | torch.device = "cpu") -> torch.Tensor:
