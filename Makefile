@@ -1,10 +1,10 @@
 # coqat: one command to install and run the demo, one to run the tests.
-#   make demo    install into .venv (CPU torch), then run the embedded default end to end
+#   make demo    install into .venv, then run coqat demo (its GPU setting where torch sees CUDA)
 #   make test    install, then run the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU wheel of torch is pinned here, not in pyproject.toml, so GPU users keep theirs.
+# torch is pinned here, not in pyproject.toml, so GPU users keep theirs (CI gets the CPU wheel).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
