@@ -85,6 +85,8 @@ def device_constant(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """
     if device.type != "cuda":
         return t.to(device)
+    if device.index is None:                   # the new thread's current device is not ours
+        device = torch.device("cuda", torch.cuda.current_device())
     made: list[torch.Tensor] = []
     failed: list[BaseException] = []
 
