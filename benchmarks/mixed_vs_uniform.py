@@ -183,9 +183,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "options": {"steps": 200, "lr": 1e-3, "warmup_steps": 20,
                                    "qat_fraction": 1.0},
                        "mixed": ["sensitivity", "sensitivity-monotone"]},
-    # cpu-lm-tiny-ft in the low-bit region (PROTOCOL.md, "Seventh design", a pilot): activations at 2
-    # bits as well (ONNX serves 2, 4 and 8), budget wa8 where uniform w2a4 and w4a2 both
-    # spend it exactly.
+    # cpu-lm-tiny-ft in the low-bit region (PROTOCOL.md, "Seventh design"; run as a 2-seed
+    # pilot only): activations at 2 bits as well (ONNX serves 2, 4 and 8), budget wa8 where
+    # uniform w2a4 and w4a2 both spend it exactly.
     "cpu-lm-tiny-lowbit-ft": {"space": "lm-tiny-lowbit", "budgets": ["wa8", "w4a4"],
                               "seeds": 8, "device": "cpu", "compile": "off", "workers": 2,
                               "threads": 1, "deadline": None, "target": "onnx",

@@ -182,9 +182,10 @@ def test_qat_step_on_the_triton_kernels_compiles_without_graph_breaks():
 @pytest.mark.gpu
 def test_compiled_qat_run_on_cuda_graphs_trains_from_empty_constant_caches(tmp_path):
     """``coqat train`` on one GPU compiles with CUDA graphs. The kernels' +-1 tiles are
-    cached at their first use, which is then the graph's warm-up run; made there on the
-    current stream they landed in the graph's pool and failed torch's check ("tensor(s) in
-    the cudagraph pool not tracked as outputs", every compiled QAT run on an H100)."""
+    cached at their first use, which is then the graph's warm-up run; made there by the
+    calling thread they landed in the graph's pool and failed torch's check ("tensor(s) in
+    the cudagraph pool not tracked as outputs": every compiled QAT run in a fresh process,
+    on an H100)."""
     import math
 
     from coqat import api

@@ -15,7 +15,8 @@ from coqat.workloads.resnet import fashion_resnet
 from conftest import DIGITS
 
 
-@pytest.mark.parametrize("name", ["lm-tiny", "lm-tiny-lowbit", "fashion-resnet", "lm-30m", "lm-2m"])
+@pytest.mark.parametrize("name", ["lm-tiny", "lm-tiny-lowbit", "fashion-resnet", "lm-30m",
+                                  "lm-2m"])
 def test_shipped_spaces_load_and_resolve_against_their_models(name):
     from coqat.workloads import get_workload
 
