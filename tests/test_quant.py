@@ -163,7 +163,7 @@ def test_hadamard_matches_dense_sylvester_bit_for_bit(block):
     assert_bits_equal(hadamard_transform(x, block), np_hadamard(x.numpy(), block))
 
 
-@pytest.mark.parametrize("block", [8, 32, 128])
+@pytest.mark.parametrize("block", [4, 8, 16, 32, 64, 128])
 def test_hadamard_of_general_inputs_is_exactly_rounded_and_float32_sums_stay_in_bound(block):
     """The CPU path takes the +-1 sums exactly rounded (bit-equal to the numpy definition
     even on inputs spanning 2^+-16); a float32-accumulated rotation, what the GPU kernels
