@@ -707,8 +707,7 @@ def _cpu_median_ms(fn, reps: int) -> float:
 @section("cpu")
 def cpu_section(args):
     """The CPU (the demo's machine): one lm-tiny training step, eager vs torch.compile, FP and
-    QAT W4A4 (fake-quant path); the rotation as one float64 matmul vs coqat's; the QAT step
-    with each."""
+    QAT W4A4 (fake-quant path); and the rotation before issue #15 (float64 matmul) vs now."""
     import tomllib
 
     from coqat.bitconfig import BitConfig, LayerBits
@@ -759,61 +758,8 @@ def cpu_section(args):
         return ((x.double().reshape(-1, 128) @ h64) * hadamard_scale(128)).float()
 
     out["rotation_2048x128_float64_ms"] = _cpu_median_ms(float64_rotation, 200)
-    # coqat's CPU rotation as it is now (reports/kernels_cpu.json, older, has the float32
-    # matmul of that time under "rotation_2048x128_float32_ms")
-    out["rotation_2048x128_hadamard_transform_ms"] = _cpu_median_ms(
-        lambda: hadamard_transform(x, 128), 200)
-    out.update(_cpu_dense_vs_factored_rotation(workload, xb, yb))
+    out["rotation_2048x128_float32_ms"] = _cpu_median_ms(lambda: hadamard_transform(x, 128), 200)
     return out
-
-
-def _cpu_dense_vs_factored_rotation(workload, xb, yb, pairs: int = 12, steps: int = 5):
-    """The eager lm-tiny QAT step with the torch rotation as one float64 matmul with H_128
-    (coqat before 2026-12-07) and as the Kronecker-factored pair (now; the same bits),
-    interleaved in ``pairs`` rounds of ``steps`` steps each."""
-    import statistics
-
-    import coqat.quant.hadamard as hd
-    from coqat.bitconfig import BitConfig, LayerBits
-    from coqat.quant import quantize_model
-
-    def dense(x, block):
-        h = hd.sylvester_matrix(block, x.device)
-        y = (x.to(torch.float32).to(torch.float64).reshape(-1, block) @ h).to(torch.float32)
-        return y.reshape(x.shape).mul_(torch.full((), hd.hadamard_scale(block),
-                                                  dtype=torch.float32, device=x.device))
-
-    torch.manual_seed(0)
-    model = workload.build_model()
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    quantize_model(model, BitConfig({n: LayerBits(4, 4) for n in names}))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        logits = model(xb)
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    factored, times = hd.hadamard_reference, {"dense": [], "factored": []}
-    try:
-        for _ in range(pairs):
-            for name, fn in (("dense", dense), ("factored", factored)):
-                hd.hadamard_reference = fn
-                step()                                   # one untimed step per switch
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                times[name].append((time.perf_counter() - t0) / steps * 1e3)
-    finally:
-        hd.hadamard_reference = factored
-    ratios = [d / f for d, f in zip(times["dense"], times["factored"])]
-    return {"qat_step_ms_dense_rotation": round(statistics.median(times["dense"]), 1),
-            "qat_step_ms_factored_rotation": round(statistics.median(times["factored"]), 1),
-            "qat_step_dense_over_factored_median": round(statistics.median(ratios), 3),
-            "qat_step_dense_over_factored_range": [round(min(ratios), 3), round(max(ratios), 3)],
-            "rotation_pairs": pairs}
 
 
 SECTIONS = [env, exact, gemm_section, k1_section, linear_section, step_section, e2e_section,

@@ -126,22 +126,11 @@ def sylvester_matrix(block: int, device: str | torch.device = "cpu") -> torch.Te
 
 def hadamard_reference(x: torch.Tensor, block: int) -> torch.Tensor:
     """The torch implementation of the definition: the +-1 sums exactly rounded to float32
-    (summed in float64), then one float32 multiply by the normalization. ``block`` must
-    divide ``x.shape[-1]``.
-
-    The Sylvester matrix factors as ``H_b = H_b1 (x) H_b2`` (Kronecker, ``b = b1 * b2``), so
-    a block viewed as a ``[b1, b2]`` matrix ``X`` rotates to ``H_b1 X H_b2``: two float64
-    matmuls with ``b1 + b2`` multiply-adds an element instead of ``b``. Every partial sum is
-    exact wherever the single matmul's is, so the result is the same bits; on 2 CPU cores
-    the eager lm-tiny QAT step is 3-7% faster with it (reports/kernels.md, "CPU")."""
-    block = int(block)
-    b1 = 1 << ((block.bit_length() - 1) // 2)
-    b2 = block // b1
-    n = x.numel() // block
-    rows = x.to(torch.float32).to(torch.float64).reshape(n * b1, b2)
-    y = (rows @ _pm1_matrix(b2, x.device, torch.float64)).view(n, b1, b2)
-    y = y.transpose(1, 2).reshape(n * b2, b1) @ _pm1_matrix(b1, x.device, torch.float64)
-    y = y.view(n, b2, b1).transpose(1, 2).to(torch.float32).reshape(x.shape)
+    (a float64 matmul), then one float32 multiply by the normalization. ``block`` must
+    divide ``x.shape[-1]``."""
+    h = _pm1_matrix(int(block), x.device, torch.float64)
+    rows = x.to(torch.float32).to(torch.float64).reshape(-1, block)
+    y = (rows @ h).to(torch.float32).reshape(x.shape)
     return y.mul_(torch.full((), hadamard_scale(block), dtype=torch.float32, device=x.device))
 
 
