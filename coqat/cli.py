@@ -775,7 +775,7 @@ def demo(
     out: OutOpt = "runs",
     setting: Annotated[Optional[str], typer.Option(
         "--setting", help="lm-tiny (the CPU default: the pipeline, where no gain is shown) |"
-        " lm-2m-ft (where mixed precision is shown to win; a GPU, ~90 s on an H100;"
+        " lm-2m-ft (where mixed precision is shown to win; a GPU, ~2 min on an H100;"
         " the default where CUDA is visible)")] = None,
     steps: Annotated[Optional[int], typer.Option(
         "--steps", help="QAT steps (default: lm-tiny 200 per phase, lm-2m-ft 500 after a"

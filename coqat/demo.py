@@ -63,9 +63,9 @@ class Setting:
 
 #: ``lm-tiny``: the CPU default, from scratch (the grids there show no gain: the demo shows
 #: the pipeline). ``lm-2m-ft``: where the report shows mixed precision winning (lm-2m, 2.1M
-#: parameters, fine-tuned from a trained float model; mean w*a 9): a GPU setting (~90 s
-#: on one H100, reports/demo.md), the settings of benchmarks/mixed_vs_uniform.py --preset
-#: gpu-lm2m-ft (a test pins them equal): the trunk is the space's own float run, then the
+#: parameters, fine-tuned from a trained float model; mean w*a 9): a GPU setting (~2 min
+#: end to end on one H100, reports/demo.md), the settings of benchmarks/mixed_vs_uniform.py
+#: --preset gpu-lm2m-ft (a test pins them equal): the trunk is the space's own float run, then the
 #: sensitivity arm (the table read raw, as the grid's arm) and uniform w2a4 train 500 QAT
 #: steps from it on the same batches.
 SETTINGS = {
@@ -224,13 +224,13 @@ def _run_trunk_and_arms(st: Setting, say, root: Path, steps: int, budget: str,
     """lm-2m-ft: one float model (the space's own training at three times the QAT steps),
     then the setting's method and the best uniform config each QAT-fine-tune it for
     ``steps`` on the same batches (``init_from``)."""
-    trunk_steps = 3 * steps
+    trunk_opts, arm_opts = trunk_options(steps), {**st.options, **schedule_options(steps)}
+    trunk_steps = trunk_opts["steps"]
     # on one H100 (reports/demo.md) a float step of lm-2m took 0.3 of an eager QAT step and
     # the sensitivity table 4 s against 22 s for a 500-step fine-tune
     units = {"float trunk": 0.3 * trunk_steps, "sensitivity:": 0.1 * steps,
              "final QAT": _PHASE_COST["qat"] * steps}
     clock, note, close = _phase_notes(say, units, sum(units.values()) + units["final QAT"])
-    trunk_opts, arm_opts = trunk_options(steps), {**st.options, **schedule_options(steps)}
     say("the float model every arm starts from", style="bold")
     note(f"float trunk: training {trunk_steps} steps")
     shared = {"compile": st.options["compile"]} if "compile" in st.options else {}
