@@ -70,9 +70,11 @@ def test_qat_step_compiles_without_graph_breaks_and_matches_eager(path):
         torch.testing.assert_close(g_c, g, rtol=1e-4, atol=1e-5)
 
 
-def test_a_shared_input_is_quantized_once_in_the_compiled_graph():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_shared_input_is_quantized_once_in_the_compiled_graph(autocast):
     """q/k/v read one tensor: the compiled forward quantizes it once (plus each weight). The
-    merge is the graph CSE of Inductor's partitioner, which this backend uses too."""
+    merge is the graph CSE of Inductor's partitioner, which this backend uses too; under
+    autocast it merges the three casts of the input first."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -91,7 +93,9 @@ def test_a_shared_input_is_quantized_once_in_the_compiled_graph():
 
     backend = aot_autograd(fw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
     compiled = torch.compile(qkv, backend=backend, fullgraph=True)
-    compiled(x.requires_grad_())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = compiled(x.requires_grad_())
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
     quantize_calls = [n for n in graphs[0].graph.nodes
                       if n.op == "call_function" and "quantize_rows" in str(n.target)]
     assert len(quantize_calls) == 4      # x once, and the three weights

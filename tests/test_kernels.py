@@ -31,6 +31,7 @@ import torch
 from coqat.bitconfig import BitConfig, LayerBits
 from coqat.errors import CoqatError
 from coqat.kernels import linear_spec, lowbit_linear, use_kernels
+from coqat.kernels import ops
 from coqat.kernels import reference as ref
 from coqat.quant import (
     QuantLinear,
@@ -184,6 +185,24 @@ def test_kernel_path_matches_the_fake_quant_module(w, a, method, form, bias):
     torch.testing.assert_close(y, y_mod, rtol=1e-5, atol=1e-5)
     for got, expect in zip(grads, grads_mod):
         torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_path_quantizes_the_autocast_input_as_the_module_does():
+    """Under autocast both paths quantize the input cast to the autocast dtype (as F.linear
+    casts it), so a float32 input gives the same codes as its bf16 rounding."""
+    torch.manual_seed(1)
+    lin = QuantLinear(256, 48, bias=False, w_bits=4, a_bits=4, hadamard_block=128)
+    x = torch.randn(40, 256)
+    spec = linear_spec(4, 4, lin.w_block, "quest")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y32 = lowbit_linear(x, lin.weight, None, spec)
+        y16 = lowbit_linear(x.to(torch.bfloat16), lin.weight, None, spec)
+        y_mod = lin(x)
+    assert y32.dtype == torch.bfloat16 and torch.equal(y32, y16)
+    torch.testing.assert_close(y32.float(), y_mod.float(), rtol=2e-2, atol=2e-2)
+    # the float32 input itself would give other codes, so the test can tell the two apart
+    assert not torch.equal(ops.quantize(x, spec.act).codes,
+                           ops.quantize(x.to(torch.bfloat16), spec.act).codes)
 
 
 def _float32_sum_rotation(x: torch.Tensor, block: int) -> torch.Tensor:

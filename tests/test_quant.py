@@ -28,6 +28,7 @@ from coqat.quant import (
     QuantConv2d,
     QuantLinear,
     QuantSpec,
+    autocast_input,
     default_trust,
     dequantize,
     dequantize_model,
@@ -648,6 +649,28 @@ def test_evaluation_never_reuses_the_quantized_weight_of_older_weights(update, c
 def test_quantized_module_keeps_input_dtype():
     ql = QuantLinear.from_float(nn.Linear(64, 8).to(torch.bfloat16), 4, 4)
     assert ql(randn(3, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_under_autocast_the_input_is_quantized_in_the_autocast_dtype(kind):
+    """What is quantized is what the float layer would multiply: under autocast, the input
+    cast to the autocast dtype (a float32 input is rounded to bf16 first)."""
+    torch.manual_seed(12)
+    if kind == "linear":
+        m, x = QuantLinear.from_float(nn.Linear(128, 16), 4, 4), randn(6, 128)
+        operand = lambda t: m._operand(t, 4, m.a_block, False)  # noqa: E731
+    else:
+        m, x = QuantConv2d.from_float(nn.Conv2d(32, 8, 3), 4, 4), randn(2, 32, 5, 5)
+        operand = lambda t: m._activation_operand(t, False)  # noqa: E731
+    # The two candidates differ, so the test can tell which one was quantized.
+    assert not torch.equal(operand(x).float(), operand(x.to(torch.bfloat16)).float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = m(x), m(x.to(torch.bfloat16))
+        assert torch.equal(autocast_input(x), x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert autocast_input(x) is x                       # outside autocast: untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_input(x.double()).dtype == torch.float64
 
 
 def test_extra_repr_shows_bits_method_and_blocks():

@@ -34,7 +34,7 @@ from torch._dynamo.exc import TorchDynamoException
 
 from coqat.bitconfig import FLOAT_BITS, BitConfig, check_bits
 from coqat.errors import CoqatError
-from coqat.quant import quantize_model
+from coqat.quant import autocast_input, quantize_model
 from coqat.quant.hadamard import hadamard_block_for, hadamard_transform
 from coqat.quant.quantizers import (
     QuantSpec,
@@ -353,6 +353,7 @@ class SearchLinear(_SearchLayer, nn.Linear):
         return hadamard_block_for(self.in_features, max_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         if self._compiled_hard():
             return F.linear(self._picked(x, "a"), self._picked(self.weight, "w"), self.bias)
         w_mix, a_mix = self._mixes()
@@ -385,6 +386,7 @@ class SearchConv2d(_SearchLayer, nn.Conv2d):
         return hadamard_block_for(self.in_channels, max_block) if self.groups == 1 else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         w = self.weight.permute(0, 2, 3, 1)
         per_channel = lambda r: r.reshape(r.shape[0], -1)  # noqa: E731
         if self._compiled_hard():

@@ -34,6 +34,7 @@ from coqat.errors import CoqatError
 from coqat.kernels import ops
 from coqat.kernels import reference as ref
 from coqat.kernels.reference import LowbitFormat, RowQuantizer
+from coqat.quant.modules import autocast_input
 
 __all__ = ["LinearSpec", "linear_spec", "lowbit_linear"]
 
@@ -88,9 +89,12 @@ def lowbit_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``F.linear`` on quantized operands, through the kernels (differentiable).
 
     ``x`` (..., K) and ``weight`` (N, K) are the float input and master weight; both are
-    quantized on every call. Inside autocast the output has the autocast dtype (like
-    ``F.linear``), otherwise x's dtype. Gradients flow to x, weight and bias.
+    quantized on every call. Inside autocast x is quantized in the autocast dtype (as
+    ``F.linear`` casts it; ``coqat.quant.autocast_input``) and the output has that dtype,
+    otherwise x's. The master weight is quantized as it is. Gradients flow to x, weight and
+    bias.
     """
+    x = autocast_input(x)
     n, k = weight.shape
     if x.shape[-1] != k:
         raise CoqatError(f"lowbit_linear: input has {x.shape[-1]} features, the weight {k}")

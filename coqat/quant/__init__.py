@@ -17,6 +17,7 @@ Functional API
 Modules
     QuantLinear, QuantConv2d (``from_float``, ``project_weight``, ``weight_error``)
     quantize_model(model, bitconfig), dequantize_model(model), quantized_modules(model)
+    autocast_input(x)   the input as a float layer takes it under autocast (what is quantized)
 
 Bits: 2, 3, 4, 5, 6, 8 quantize; 16 passes through; anything else is a CoqatError.
 """
@@ -25,6 +26,7 @@ from coqat.quant.hadamard import hadamard_block_for, hadamard_transform
 from coqat.quant.modules import (
     QuantConv2d,
     QuantLinear,
+    autocast_input,
     dequantize_model,
     quantize_model,
     quantized_modules,
@@ -50,4 +52,5 @@ __all__ = [
     "quantize_rows", "quantize_rows_with", "row_params", "RowParams", "dequantize",
     "ste_quantize", "fake_quant", "project",
     "QuantLinear", "QuantConv2d", "quantize_model", "dequantize_model", "quantized_modules",
+    "autocast_input",
 ]
