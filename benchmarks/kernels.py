@@ -562,6 +562,8 @@ def step_section(args):
 def e2e_section(args):
     import tomllib
 
+    import coqat.kernels.linear as klinear
+    import coqat.quant.modules as qmodules
     from coqat.bitconfig import BitConfig, LayerBits
     from coqat.quant import quantize_model
     from coqat.workloads import get_workload
@@ -577,7 +579,14 @@ def e2e_section(args):
     xb, yb = idx[:, :-1], idx[:, 1:]
     out = {"batch": batch, "seq_len": seq}
 
+    cast = qmodules.autocast_input
+
     def make(quantized, mode):
+        # "qat_f32in": the quantizers read the RMSNorm's float32 outputs as they are (as
+        # before 2026-12-07, when coqat.quant.autocast_input made them read the bf16 input
+        # that F.linear multiplies); the same model otherwise: what that change saves
+        qmodules.autocast_input = klinear.autocast_input = (
+            (lambda x: x) if quantized == "f32in" else cast)
         torch.manual_seed(0)
         model = workload.build_model().cuda()
         if quantized:
@@ -603,7 +612,8 @@ def e2e_section(args):
     losses = {}
     variants = [("bf16", False, "eager"), ("bf16", False, "compiled"),
                 ("bf16", False, "cudagraphs"), ("qat", True, "compiled"),
-                ("qat", True, "cudagraphs"), ("qat", True, "eager")]
+                ("qat", True, "cudagraphs"), ("qat", True, "eager"),
+                ("qat_f32in", "f32in", "cudagraphs")]
     for kind, quantized, mode in variants:
         name = f"{kind}_{mode}"
         try:
@@ -619,6 +629,7 @@ def e2e_section(args):
             traceback.print_exc()
             out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
         torch.compiler.reset()
+    qmodules.autocast_input = klinear.autocast_input = cast
     out["first_loss"] = losses
     tokens = batch * seq
 
@@ -629,6 +640,8 @@ def e2e_section(args):
     ratio("bf16_eager", "bf16_compiled")          # the FP phase, compiled vs eager
     ratio("bf16_eager", "bf16_cudagraphs")        # ... as coqat's loop compiles it
     ratio("bf16_cudagraphs", "qat_cudagraphs")
+    ratio("bf16_cudagraphs", "qat_f32in_cudagraphs")
+    ratio("qat_f32in_cudagraphs", "qat_cudagraphs")
     for q in ("qat_compiled", "qat_cudagraphs", "qat_eager"):
         ratio("bf16_compiled", q)
         ratio("bf16_eager", q)

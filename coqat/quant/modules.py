@@ -69,8 +69,10 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     input cast to the autocast dtype of its device; unchanged outside autocast, and for
     float64 or integer inputs (autocast leaves those alone too)."""
     dev = x.device.type
-    if (x.is_floating_point() and x.dtype != torch.float64
-            and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+    # Only the device types torch.compile can ask about without a graph break (Dynamo does
+    # not trace torch.amp.is_autocast_available).
+    if (dev in ("cuda", "cpu") and x.is_floating_point() and x.dtype != torch.float64
+            and torch.is_autocast_enabled(dev)):
         return x.to(torch.get_autocast_dtype(dev))
     return x
 
