@@ -70,6 +70,21 @@ def test_qat_step_compiles_without_graph_breaks_and_matches_eager(path):
         torch.testing.assert_close(g_c, g, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["fake_quant", "kernels"])
+def test_qat_model_under_autocast_traces_without_graph_breaks(path):
+    """Under autocast the layers ask for the autocast dtype (``autocast_input``); what they
+    ask must be traceable (torch.amp.is_autocast_available broke the graph at every
+    quantized layer under torch 2.11)."""
+    model = _quantized(_tiny_lm())
+    if path == "kernels":
+        _on_kernel_path(model)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(idx)
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in
+                                                explanation.break_reasons]
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_a_shared_input_is_quantized_once_in_the_compiled_graph(autocast):
     """q/k/v read one tensor: the compiled forward quantizes it once (plus each weight). The
