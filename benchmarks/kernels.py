@@ -818,7 +818,8 @@ def summary() -> str:
     for key in ("bf16_compiled_vs_bf16_eager", "bf16_cudagraphs_vs_bf16_eager",
                 "qat_cudagraphs_vs_bf16_cudagraphs", "qat_compiled_vs_bf16_compiled",
                 "qat_cudagraphs_vs_bf16_compiled", "qat_compiled_vs_bf16_eager",
-                "qat_eager_vs_bf16_eager"):
+                "qat_eager_vs_bf16_eager", "qat_f32in_cudagraphs_vs_bf16_cudagraphs",
+                "qat_cudagraphs_vs_qat_f32in_cudagraphs"):
         if key in e:
             add(f"lm-30m step {key}", f"{e[key]}x")
     for key in [k_ for k_ in e if k_.endswith("_step_ms")]:

@@ -392,3 +392,28 @@ def test_search_step_benchmark_times_both_step_kinds_on_the_cpu():
                         arch_only=True, say=lambda _: None)
     assert quick["fused_arch_ms"] > 0 and quick["eager_arch_ms"] > 0
     assert "compiled_arch_ms" not in quick and "eager_weight_ms" not in quick
+
+
+def test_compile_time_benchmark_runs_both_variants_in_fresh_processes(tmp_path):
+    """benchmarks/compile_time.py end to end at toy size: each (phase, variant) row comes
+    from its own process, and the two variants train the same model to the same loss."""
+    pytest.importorskip("fvcore")
+    import json
+    import subprocess
+    import sys
+
+    from conftest import LM_MICRO
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "ct.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "compile_time.py"), "--space",
+                    str(LM_MICRO), "--device", "cpu", "--backend", "aot_eager", "--steps", "1",
+                    "--phases", "qat-mixed", "--json", str(out)], check=True,
+                   capture_output=True, cwd=root)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["phase"], r["variant"]) for r in rows] == [("qat-mixed", "whole"),
+                                                          ("qat-mixed", "regional")]
+    whole, regional = rows
+    assert "error" not in whole and "error" not in regional
+    assert whole["step_ms"] > 0 and regional["first_3_steps_s"] > 0
+    assert abs(whole["last_loss"] - regional["last_loss"]) < 1e-4
