@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -44,8 +45,6 @@ def _mixed_bits(i: int) -> tuple[int, int]:
 def child(space: str, phase: str, variant: str, steps: int, device: str, backend: str) -> dict:
     import torch
     import torch.nn.functional as F
-
-    import tomllib
 
     from coqat.bitconfig import BitConfig, LayerBits
     from coqat.kernels import use_kernels
