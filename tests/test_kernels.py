@@ -30,8 +30,7 @@ import torch
 
 from coqat.bitconfig import BitConfig, LayerBits
 from coqat.errors import CoqatError
-from coqat.kernels import linear_spec, lowbit_linear, use_kernels
-from coqat.kernels import ops
+from coqat.kernels import linear_spec, lowbit_linear, ops, use_kernels
 from coqat.kernels import reference as ref
 from coqat.quant import (
     QuantLinear,
