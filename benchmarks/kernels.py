@@ -717,10 +717,46 @@ def _cpu_median_ms(fn, reps: int) -> float:
     return round(sorted(times)[len(times) // 2], 2)
 
 
+def _cpu_shared_operands(workload, xb, yb, rounds: int = 12, steps: int = 3) -> dict:
+    """The eager lm-tiny W4A4 QAT step with q/k/v and gate/up sharing their quantized input
+    (``coqat.quant.shared``, the default) vs each layer quantizing it again: one model, the
+    two settings alternated in ``rounds`` rounds of ``steps`` steps, the paired ratio."""
+    from coqat.bitconfig import BitConfig, LayerBits
+    from coqat.quant import quantize_model, sharing
+
+    torch.manual_seed(0)
+    model = workload.build_model()
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    quantize_model(model, BitConfig({n: LayerBits(4, 4) for n in names}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        logits = model(xb)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {False: [], True: []}
+    for _ in range(rounds + 1):
+        for share in (False, True):
+            with sharing(share):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[share].append((time.perf_counter() - t0) / steps * 1e3)
+    ratios = sorted(a / b for a, b in zip(times[False][1:], times[True][1:]))  # round 0: warm-up
+    return {"qat_unshared_step_ms": round(sorted(times[False][1:])[rounds // 2], 2),
+            "qat_shared_step_ms": round(sorted(times[True][1:])[rounds // 2], 2),
+            "qat_shared_speedup_median": round(ratios[rounds // 2], 3),
+            "qat_shared_speedup_range": [round(ratios[0], 3), round(ratios[-1], 3)]}
+
+
 @section("cpu")
 def cpu_section(args):
     """The CPU (the demo's machine): one lm-tiny training step, eager vs torch.compile, FP and
-    QAT W4A4 (fake-quant path); and the rotation before issue #15 (float64 matmul) vs now."""
+    QAT W4A4 (fake-quant path); the QAT step with and without shared input operands; and the
+    rotation before issue #15 (float64 matmul) vs now."""
     import tomllib
 
     from coqat.bitconfig import BitConfig, LayerBits
@@ -764,6 +800,7 @@ def cpu_section(args):
             torch.compiler.reset()
         out[f"{kind}_compiled_vs_eager"] = round(
             out[f"{kind}_eager_step_ms"] / out[f"{kind}_compiled_step_ms"], 3)
+    out.update(_cpu_shared_operands(workload, xb, yb))
     x = torch.randn(batch * workload.seq_len, 128)
     h64 = sylvester_matrix(128)
 

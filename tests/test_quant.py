@@ -751,3 +751,153 @@ def test_dequantize_model_restores_plain_modules_with_same_parameters():
     assert type(model.stem) is nn.Conv2d and type(model.head) is nn.Linear
     assert model.stem.weight is weight
     assert torch.equal(model(x), ref)
+
+
+# ----- one quantized operand for the layers that read one input (coqat.quant.shared) -----
+class _Siblings(nn.Module):
+    """Three projections of one input, as q/k/v."""
+
+    def __init__(self, bits=((4, 4), (4, 4), (4, 4)), d=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.p = nn.ModuleList(QuantLinear(d, d, bias=False, w_bits=w, a_bits=a) for w, a in bits)
+
+    def forward(self, x):
+        return sum((p(x) * (i + 1)).sum() for i, p in enumerate(self.p))
+
+
+def _count_rotations(monkeypatch):
+    import coqat.quant.modules as qm
+
+    calls = []
+    real = qm.hadamard_transform
+
+    def counting(t, block):
+        calls.append(tuple(t.shape))
+        return real(t, block)
+
+    monkeypatch.setattr(qm, "hadamard_transform", counting)
+    return calls
+
+
+def _grads(model, x, share):
+    from coqat.quant import sharing
+
+    x = x.clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    with sharing(share):
+        loss = model(x)
+        loss.backward()
+    return loss.detach(), x.grad, [m.weight.grad for m in model.p]
+
+
+def test_layers_reading_one_input_quantize_it_once_with_the_same_gradients(monkeypatch):
+    """q/k/v on one input: one activation rotation forward (three weights' besides), the
+    same output bits, and the same gradients as three separate operands up to float
+    rounding (the backward now sums before the masked rotation back)."""
+    model, x = _Siblings(), torch.randn(8, 16, 64)
+    calls = _count_rotations(monkeypatch)
+    loss_sep, dx_sep, dw_sep = _grads(model, x, share=False)
+    rotations_sep = len(calls)
+    calls.clear()
+    loss, dx, dw = _grads(model, x, share=True)
+    # forward: 3 weights + 1 input (was 3 inputs); backward: 1 input rotation back (was 3)
+    # (the weights' rotations back run inside autograd's node for the op, not counted here)
+    assert sum(s == (8, 16, 64) for s in calls) == 1
+    assert rotations_sep - len(calls) == 2
+    assert torch.equal(loss, loss_sep)
+    torch.testing.assert_close(dx, dx_sep, rtol=1e-5, atol=1e-6)
+    for a, b in zip(dw, dw_sep):
+        assert torch.equal(a, b)          # each weight's gradient reads the same operand
+
+
+def test_layers_with_other_activation_settings_do_not_share():
+    from coqat.quant import sharing
+
+    model, x = _Siblings(bits=((4, 4), (4, 8), (3, 4))), torch.randn(4, 64)
+    with sharing(False):
+        ref = [p(x) for p in model.p]
+    out = [p(x) for p in model.p]
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+
+
+def test_an_input_changed_in_place_is_quantized_again():
+    q = QuantLinear(64, 64, bias=False, w_bits=4, a_bits=4)
+    x = torch.randn(4, 64)
+    first = q(x)
+    x.mul_(2)                                   # same tensor object, new version
+    assert not torch.equal(q(x), first)
+    assert torch.equal(q(x), q(x.clone()))
+
+
+def test_a_shared_operand_never_outlives_its_backward_or_mixes_grad_modes():
+    """A leaf input reused after a backward (its graph is spent) and an operand first
+    computed without autograd: both are computed again, so the gradients are right."""
+    from coqat.quant import shared
+
+    model = _Siblings()
+    x = torch.randn(4, 64, requires_grad=True)
+    model.p[0](x).sum().backward()
+    assert not shared._TABLE.operands           # the backward dropped it
+    model.p[1](x).sum().backward()              # would fail on a spent graph
+    g_two = x.grad.clone()
+    x.grad = None
+    model.p[0](x).sum().backward()
+    model.p[1](x).sum().backward()
+    assert torch.equal(x.grad, g_two)
+    x.grad = None
+    with torch.no_grad():
+        model.p[0](x)
+    model.p[1](x).sum().backward()              # not the no-grad operand: x gets a gradient
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_sharing_keeps_no_operand_alive_after_a_training_step():
+    from coqat.quant import shared
+
+    model = _Siblings()
+    x = torch.randn(4, 64, requires_grad=True)
+    model(x).backward()
+    assert not shared._TABLE.operands
+
+
+def test_evaluation_operands_go_with_their_input_and_inference_tensors_work():
+    from coqat.quant import shared
+
+    model = _Siblings()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        for p in model.p:
+            p(x)
+    assert shared._TABLE.operands                # shared while x lives (no graph to drop it)
+    del x
+    assert not shared._TABLE.operands            # gone with the input
+    with torch.inference_mode():
+        x = torch.randn(4, 64)
+        assert torch.equal(model.p[0](x), model.p[0](x))
+
+
+def test_shared_operands_benchmark_pairs_the_two_settings_by_seed(tmp_path):
+    """benchmarks/shared_operands.py at toy size: each seed trained with sharing on and
+    off, the paired difference computed from those runs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import LM_MICRO
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "shared.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "shared_operands.py"), "--space",
+                    LM_MICRO, "--seeds", "0,1", "--steps", "4", "--out", str(tmp_path / "runs"),
+                    "--json", str(out)], check=True, capture_output=True, cwd=root)
+    res = json.loads(out.read_text())
+    assert [(r["seed"], r["shared"]) for r in res["runs"]] == [(0, True), (0, False),
+                                                               (1, True), (1, False)]
+    metric = {(r["seed"], r["shared"]): r["metric"] for r in res["runs"]}
+    diffs = res["shared_vs_separate"]["differences"]
+    # val_loss: > 0 means the shared run is better (lower)
+    assert diffs == pytest.approx([metric[(s, False)] - metric[(s, True)] for s in (0, 1)])
+    assert res["verdict"].startswith("shared")

@@ -111,6 +111,49 @@ def test_hard_sample_mixing_conv_equals_quantconv_bit_for_bit():
         assert torch.equal(mix(x), ref(x))
 
 
+def test_search_layers_reading_one_input_share_its_rotation_and_hard_operand(monkeypatch):
+    """q/k/v as search layers: the input is rotated once for all three (soft mixes: each
+    layer's own mix of it; hard choices of one width: one quantized operand), and the
+    gradients equal those of separate operands up to float rounding."""
+    import coqat.bitsearch.relax as relax
+    from coqat.quant import sharing
+
+    torch.manual_seed(4)
+    layers = [SearchLinear.from_float(nn.Linear(64, 32, bias=False), (2, 4, 8), (4, 8))
+              for _ in range(3)]
+    x0 = torch.randn(6, 64)
+    rotated, quantized = [], []
+    real, real_q = relax.hadamard_transform, relax.ste_quantize
+    monkeypatch.setattr(relax, "hadamard_transform",
+                        lambda t, b: rotated.append(tuple(t.shape)) or real(t, b))
+    monkeypatch.setattr(relax, "ste_quantize",
+                        lambda t, *a: quantized.append(tuple(t.shape)) or real_q(t, *a))
+
+    def run(share, mixes):
+        x = x0.clone().requires_grad_(True)
+        rotated.clear()
+        quantized.clear()
+        for m, (w_mix, a_mix) in zip(layers, mixes):
+            m.set_mix(w_mix, a_mix)
+        with sharing(share):
+            loss = sum((m(x) * (i + 1)).square().sum() for i, m in enumerate(layers))
+            leaves = [x] + [t for wm, am in mixes for t in (wm, am) if torch.is_tensor(t)]
+            grads = torch.autograd.grad(loss, leaves)
+        return loss.detach(), grads, (sum(s == (6, 64) for s in rotated),
+                                      sum(s == (6, 64) for s in quantized))
+
+    soft = [(torch.rand(3, requires_grad=True), torch.rand(2, requires_grad=True))
+            for _ in range(3)]
+    # (rotations, hard quantizations) of the input: separate vs shared
+    for mixes, counts in ((soft, ((3, 0), (1, 0))), ([(0, 1), (2, 1), (1, 1)], ((3, 3), (1, 1)))):
+        loss_sep, g_sep, n_sep = run(False, mixes)
+        loss, g, n = run(True, mixes)
+        assert (n_sep, n) == counts
+        assert torch.equal(loss, loss_sep)
+        for a, b in zip(g, g_sep):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_quant_error_is_the_perturbation_the_layer_output_sees():
     """One operand quantized, the other float: the output moves by exactly the layer applied
     to ``quant_error`` (linear in each operand), for Linear and Conv2d, weight and input."""

@@ -5,7 +5,9 @@ float layer it replaces (state_dict keys, the FP-phase weights and the optimizer
 over), plus the candidate bit widths of its weight and of its input. Per forward it
 
 1. rotates each operand ONCE along the reduction dim (the Hadamard block QuantLinear would
-   use: QuEST's half form, both operands in the rotated basis);
+   use: QuEST's half form, both operands in the rotated basis); an input that several
+   layers read (q/k/v, gate/up) once for all of them, and a hard choice's quantized input
+   is shared too (``coqat.quant.shared``);
 2. quantizes the rotated operand at each candidate width with ``ste_quantize`` (the
    reference quantizer, masked straight-through backward);
 3. mixes those by the weights the search set on the module (``w_mix``, ``a_mix``);
@@ -36,6 +38,7 @@ from coqat.bitconfig import FLOAT_BITS, BitConfig, check_bits
 from coqat.errors import CoqatError
 from coqat.quant import autocast_input, quantize_model
 from coqat.quant.hadamard import hadamard_block_for, hadamard_transform
+from coqat.quant.shared import shared_operand
 from coqat.quant.quantizers import (
     QuantSpec,
     RowParams,
@@ -315,6 +318,23 @@ class _SearchLayer:
                              table=getattr(self, f"{kind}_table"),
                              fused_backend=self.fused_backend).to(t.dtype)
 
+    def _input_operand(self, x: torch.Tensor, a_mix: Mix,
+                       layout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+                       ) -> torch.Tensor:
+        """The input operand at ``a_mix`` (as ``_operand``), rows last after ``layout``.
+
+        Layers that read the same ``x`` share its rotation, and a hard choice's quantized
+        operand too (``coqat.quant.shared``); a soft mix is this layer's own."""
+        name = type(self).__name__
+        r = shared_operand(x, (name, "rotated", self.block),
+                           lambda: _rotate(layout(autocast_input(x)), self.block))
+        if not isinstance(a_mix, int):
+            return mix_quantized(r, self.a_choices, a_mix, self.method, table=self.a_table,
+                                 fused_backend=self.fused_backend).to(r.dtype)
+        return shared_operand(
+            x, (name, self.a_choices[a_mix], self.block, self.method),
+            lambda: mix_quantized(r, self.a_choices, a_mix, self.method).to(r.dtype))
+
     def quant_error(self, kind: str, index: int, t: torch.Tensor) -> torch.Tensor:
         """Q(t) - t in the original basis, ``t`` the weight (``kind`` "w") or an input of
         this layer ("a") quantized at choice ``index`` exactly as the forward does (rotated,
@@ -353,13 +373,13 @@ class SearchLinear(_SearchLayer, nn.Linear):
         return hadamard_block_for(self.in_features, max_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = autocast_input(x)
         if self._compiled_hard():
+            x = autocast_input(x)
             return F.linear(self._picked(x, "a"), self._picked(self.weight, "w"), self.bias)
         w_mix, a_mix = self._mixes()
         if self._is_float(w_mix, a_mix):
-            return F.linear(x, self.weight, self.bias)
-        return F.linear(self._operand(x, "a", a_mix), self._operand(self.weight, "w", w_mix),
+            return F.linear(autocast_input(x), self.weight, self.bias)
+        return F.linear(self._input_operand(x, a_mix), self._operand(self.weight, "w", w_mix),
                         self.bias)
 
     def extra_repr(self) -> str:
@@ -386,17 +406,17 @@ class SearchConv2d(_SearchLayer, nn.Conv2d):
         return hadamard_block_for(self.in_channels, max_block) if self.groups == 1 else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = autocast_input(x)
         w = self.weight.permute(0, 2, 3, 1)
         per_channel = lambda r: r.reshape(r.shape[0], -1)  # noqa: E731
         if self._compiled_hard():
-            xq = self._picked(x.movedim(-3, -1), "a").movedim(-1, -3)
+            xq = self._picked(autocast_input(x).movedim(-3, -1), "a").movedim(-1, -3)
             wq = self._picked(w, "w", rows=per_channel)
         else:
             w_mix, a_mix = self._mixes()
             if self._is_float(w_mix, a_mix):
-                return self._conv_forward(x, self.weight, self.bias)
-            xq = self._operand(x.movedim(-3, -1), "a", a_mix).movedim(-1, -3)
+                return self._conv_forward(autocast_input(x), self.weight, self.bias)
+            xq = self._input_operand(x, a_mix, layout=lambda t: t.movedim(-3, -1))
+            xq = xq.movedim(-1, -3)
             wq = self._operand(w, "w", w_mix, rows=per_channel)
         return self._conv_forward(xq.contiguous(), wq.permute(0, 3, 1, 2).contiguous(),
                                   self.bias)

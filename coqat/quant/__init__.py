@@ -18,6 +18,8 @@ Modules
     QuantLinear, QuantConv2d (``from_float``, ``project_weight``, ``weight_error``)
     quantize_model(model, bitconfig), dequantize_model(model), quantized_modules(model)
     autocast_input(x)   the input as a float layer takes it under autocast (what is quantized)
+    sharing(enabled)    layers reading one input share its quantized operand (on by default;
+                        ``coqat.quant.shared``); shared_operand(x, key, compute) for new layers
 
 Bits: 2, 3, 4, 5, 6, 8 quantize; 16 passes through; anything else is a CoqatError.
 """
@@ -31,6 +33,7 @@ from coqat.quant.modules import (
     quantize_model,
     quantized_modules,
 )
+from coqat.quant.shared import shared_operand, sharing
 from coqat.quant.quantizers import (
     ALPHA,
     QuantResult,
@@ -52,5 +55,5 @@ __all__ = [
     "quantize_rows", "quantize_rows_with", "row_params", "RowParams", "dequantize",
     "ste_quantize", "fake_quant", "project",
     "QuantLinear", "QuantConv2d", "quantize_model", "dequantize_model", "quantized_modules",
-    "autocast_input",
+    "autocast_input", "shared_operand", "sharing",
 ]

@@ -29,6 +29,9 @@ of the tensor it came from, so the module's dtype behaviour matches plain nn.Lin
 (``autocast_input``), as the float layer casts it before its product: what is quantized is
 what the float layer would have multiplied. On the GPU this halves what the quantizer reads
 of a float32 input (lm-30m's RMSNorm outputs), and the norm writes bf16.
+
+Layers that read the same input with the same activation settings (q/k/v, gate/up) take one
+shared quantized operand (``coqat.quant.shared``): computed once, one backward node.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from coqat.bitconfig import FLOAT_BITS, BitConfig, check_bits
 from coqat.errors import CoqatError
 from coqat.quant.hadamard import hadamard_block_for, hadamard_transform
 from coqat.quant.quantizers import QuantSpec, _check_form, _resolve_max_block, ste_quantize
+from coqat.quant.shared import shared_operand
 
 __all__ = ["QuantLinear", "QuantConv2d", "quantize_model", "dequantize_model", "quantized_modules",
            "autocast_input"]
@@ -144,6 +148,14 @@ class _QuantLayer:
 
     def _weight_operand(self, unrotate: bool) -> torch.Tensor:
         raise NotImplementedError
+
+    def _input_operand(self, x: torch.Tensor, unrotate: bool,
+                       compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``compute(autocast_input(x))``, shared with the other layers that read the same
+        ``x`` with the same activation settings (``coqat.quant.shared``)."""
+        key = (type(self).__name__, self.a_bits, self.a_block, unrotate, self.method,
+               self.trust, self.clip_ratio)
+        return shared_operand(x, key, lambda: compute(autocast_input(x)))
 
     def _forward_weight(self, unrotate: bool) -> torch.Tensor:
         """Q(weight) for the forward pass. Without autograd (evaluation) it is cached and
@@ -247,13 +259,13 @@ class QuantLinear(_QuantLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_quantized:
             return F.linear(x, self.weight, self.bias)
-        x = autocast_input(x)
         if self.kernel_forward is not None:
-            y = self.kernel_forward(self, x)
+            y = self.kernel_forward(self, autocast_input(x))
             if y is not None:
                 return y
         unrotate = self.form == "full"
-        xq = self._operand(x, self.a_bits, self.a_block, unrotate)
+        xq = self._input_operand(
+            x, unrotate, lambda t: self._operand(t, self.a_bits, self.a_block, unrotate))
         return F.linear(xq, self._forward_weight(unrotate), self.bias)
 
     def extra_repr(self) -> str:
@@ -322,7 +334,7 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         if not self.is_quantized:
             return self._conv_forward(x, self.weight, self.bias)
         unrotate = self.form == "full"
-        xq = self._activation_operand(autocast_input(x), unrotate)
+        xq = self._input_operand(x, unrotate, lambda t: self._activation_operand(t, unrotate))
         return self._conv_forward(xq, self._forward_weight(unrotate), self.bias)
 
     def extra_repr(self) -> str:
