@@ -879,8 +879,8 @@ def test_evaluation_operands_go_with_their_input_and_inference_tensors_work():
 
 
 def test_shared_operands_benchmark_pairs_the_two_settings_by_seed(tmp_path):
-    """benchmarks/shared_operands.py at toy size: each seed trained with sharing on and
-    off, the paired difference computed from those runs."""
+    """benchmarks/shared_operands.py at toy size: a seed trained with sharing on and off,
+    the paired difference computed from those two runs."""
     import json
     import subprocess
     import sys
@@ -891,13 +891,11 @@ def test_shared_operands_benchmark_pairs_the_two_settings_by_seed(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "shared.json"
     subprocess.run([sys.executable, str(root / "benchmarks" / "shared_operands.py"), "--space",
-                    LM_MICRO, "--seeds", "0,1", "--steps", "4", "--out", str(tmp_path / "runs"),
+                    LM_MICRO, "--seeds", "3", "--steps", "2", "--out", str(tmp_path / "runs"),
                     "--json", str(out)], check=True, capture_output=True, cwd=root)
     res = json.loads(out.read_text())
-    assert [(r["seed"], r["shared"]) for r in res["runs"]] == [(0, True), (0, False),
-                                                               (1, True), (1, False)]
-    metric = {(r["seed"], r["shared"]): r["metric"] for r in res["runs"]}
-    diffs = res["shared_vs_separate"]["differences"]
+    assert [(r["seed"], r["shared"]) for r in res["runs"]] == [(3, True), (3, False)]
+    on, off = (r["metric"] for r in res["runs"])
     # val_loss: > 0 means the shared run is better (lower)
-    assert diffs == pytest.approx([metric[(s, False)] - metric[(s, True)] for s in (0, 1)])
-    assert res["verdict"].startswith("shared")
+    assert res["shared_vs_separate"]["differences"] == pytest.approx([off - on])
+    assert res["verdict"] == "1 seed: no uncertainty estimate for shared vs separate"
