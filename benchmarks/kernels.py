@@ -717,26 +717,37 @@ def _cpu_median_ms(fn, reps: int) -> float:
     return round(sorted(times)[len(times) // 2], 2)
 
 
-def _cpu_shared_operands(workload, xb, yb, rounds: int = 12, steps: int = 3) -> dict:
-    """The eager lm-tiny W4A4 QAT step with q/k/v and gate/up sharing their quantized input
-    (``coqat.quant.shared``, the default) vs each layer quantizing it again: one model, the
-    two settings alternated in ``rounds`` rounds of ``steps`` steps, the paired ratio."""
+def _lm_tiny_step(workload, xb, yb, quantized: bool, compiled: bool = False):
+    """One eager (or compiled) AdamW training step of a fresh lm-tiny model, FP or with every
+    block Linear quantized to W4A4 (fake-quant path), as a function of no arguments."""
     from coqat.bitconfig import BitConfig, LayerBits
-    from coqat.quant import quantize_model, sharing
+    from coqat.quant import quantize_model
 
     torch.manual_seed(0)
     model = workload.build_model()
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    quantize_model(model, BitConfig({n: LayerBits(4, 4) for n in names}))
+    if quantized:
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        quantize_model(model, BitConfig({n: LayerBits(4, 4) for n in names}))
+    net = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        logits = model(xb)
+        logits = net(xb)
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def _cpu_shared_operands(workload, xb, yb, rounds: int = 12, steps: int = 3) -> dict:
+    """The eager lm-tiny W4A4 QAT step with q/k/v and gate/up sharing their quantized input
+    (``coqat.quant.shared``, the default) vs each layer quantizing it again: one model, the
+    two settings alternated in ``rounds`` rounds of ``steps`` steps, the paired ratio."""
+    from coqat.quant import sharing
+
+    step = _lm_tiny_step(workload, xb, yb, quantized=True)
     times = {False: [], True: []}
     for _ in range(rounds + 1):
         for share in (False, True):
@@ -759,8 +770,7 @@ def cpu_section(args):
     rotation before issue #15 (float64 matmul) vs now."""
     import tomllib
 
-    from coqat.bitconfig import BitConfig, LayerBits
-    from coqat.quant import hadamard_transform, quantize_model
+    from coqat.quant import hadamard_transform
     from coqat.quant.hadamard import hadamard_scale, sylvester_matrix
     from coqat.workloads import get_workload
 
@@ -776,22 +786,7 @@ def cpu_section(args):
     xb, yb = idx[:, :-1], idx[:, 1:]
     for kind in ("fp", "qat"):
         for mode in ("eager", "compiled"):
-            torch.manual_seed(0)
-            model = workload.build_model()
-            if kind == "qat":
-                names = [n for n, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-                quantize_model(model, BitConfig({n: LayerBits(4, 4) for n in names}))
-            net = torch.compile(model) if mode == "compiled" else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-            def step():
-                logits = net(xb)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            step = _lm_tiny_step(workload, xb, yb, kind == "qat", mode == "compiled")
             t0 = time.perf_counter()
             step()
             step()

@@ -312,11 +312,15 @@ class _SearchLayer:
 
     def _operand(self, t: torch.Tensor, kind: str, mix: Mix,
                  rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        r = _rotate(t, self.block)
+        return self._mixed(_rotate(t, self.block), kind, mix, rows)
+
+    def _mixed(self, r: torch.Tensor, kind: str, mix: Mix,
+               rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The rotated operand ``r`` quantized at ``mix``, in ``r``'s dtype."""
         choices = self.w_choices if kind == "w" else self.a_choices
         return mix_quantized(r, choices, mix, self.method, rows,
                              table=getattr(self, f"{kind}_table"),
-                             fused_backend=self.fused_backend).to(t.dtype)
+                             fused_backend=self.fused_backend).to(r.dtype)
 
     def _input_operand(self, x: torch.Tensor, a_mix: Mix,
                        layout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
@@ -329,11 +333,9 @@ class _SearchLayer:
         r = shared_operand(x, (name, "rotated", self.block),
                            lambda: _rotate(layout(autocast_input(x)), self.block))
         if not isinstance(a_mix, int):
-            return mix_quantized(r, self.a_choices, a_mix, self.method, table=self.a_table,
-                                 fused_backend=self.fused_backend).to(r.dtype)
-        return shared_operand(
-            x, (name, self.a_choices[a_mix], self.block, self.method),
-            lambda: mix_quantized(r, self.a_choices, a_mix, self.method).to(r.dtype))
+            return self._mixed(r, "a", a_mix)
+        return shared_operand(x, (name, self.a_choices[a_mix], self.block, self.method),
+                              lambda: self._mixed(r, "a", a_mix))
 
     def quant_error(self, kind: str, index: int, t: torch.Tensor) -> torch.Tensor:
         """Q(t) - t in the original basis, ``t`` the weight (``kind`` "w") or an input of

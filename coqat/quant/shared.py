@@ -66,7 +66,14 @@ def sharing(enabled: bool) -> Iterator[None]:
 def _set(enabled: bool) -> None:
     with _TABLE.lock:
         _TABLE.enabled = enabled
-        _TABLE.input, _TABLE.version, _TABLE.operands = None, -1, {}
+        _restart(_TABLE)
+
+
+def _restart(table: _Table, x: torch.Tensor | None = None) -> None:
+    """Empty the table; with ``x``, for that input from now on."""
+    table.input = None if x is None else weakref.ref(x, _input_gone)
+    table.version = -1 if x is None else x._version
+    table.operands = {}
 
 
 def _state(x: torch.Tensor) -> tuple:
@@ -90,8 +97,7 @@ def shared_operand(x: torch.Tensor, key: Hashable,
     key = (key, _state(x))
     with _TABLE.lock:
         if _TABLE.input is None or _TABLE.input() is not x or _TABLE.version != x._version:
-            _TABLE.input = weakref.ref(x, _input_gone)
-            _TABLE.version, _TABLE.operands = x._version, {}
+            _restart(_TABLE, x)
         out = _TABLE.operands.get(key)
     if out is not None:
         return out
@@ -107,14 +113,14 @@ def shared_operand(x: torch.Tensor, key: Hashable,
     return out
 
 
-def _input_gone(ref: weakref.ref, table: _Table = _TABLE) -> None:
+def _input_gone(ref: weakref.ref, table: _Table = _TABLE, restart=_restart) -> None:
     """The latest input was freed: its operands (those of an evaluation, which no backward
     drops) go with it. Runs wherever the input's last reference goes, possibly inside
-    ``shared_operand`` while it holds the (re-entrant) lock, or at interpreter exit (the
-    table is bound here, not looked up)."""
+    ``shared_operand`` while it holds the (re-entrant) lock, or at interpreter exit (what
+    it uses is bound here, not looked up)."""
     with table.lock:
         if table.input is ref:
-            table.input, table.version, table.operands = None, -1, {}
+            restart(table)
 
 
 def _forget(key: Hashable, ref: weakref.ref) -> None:
